@@ -1,0 +1,1 @@
+"""Medical image input and output: CT volumes, masks, U/S sequences, transforms."""
