@@ -27,7 +27,10 @@ def test_version() -> None:
 
 def test_entry_point_runs() -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "kidneyreg.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "kidneyreg.cli", "--help"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
     )
     assert completed.returncode == 0
     assert "kidneyreg" in completed.stdout
