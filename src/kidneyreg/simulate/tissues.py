@@ -36,6 +36,7 @@ class Tissue(IntEnum):
     ARTERY = 13  # aorta and renal arteries
     VEIN = 14  # inferior vena cava and renal veins
     SOFT_TISSUE = 15  # other organs (pancreas, stomach wall, adrenals...) and unlabelled tissue
+    FLUID = 16  # simple fluid outside the kidneys: gallbladder bile, bladder urine, spinal CSF
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ TISSUES: dict[Tissue, TissueProperties] = {
     Tissue.AIR: TissueProperties(_hu(-1000, -1000, -1000), 5, 0.0004, 0.0, 0.0, True),
     Tissue.FAT: TissueProperties(_hu(-100, -100, -100), 12, 1.38, 0.6, 0.85),
     Tissue.MUSCLE: TissueProperties(_hu(55, 60, 45), 10, 1.70, 1.1, 0.55),
-    Tissue.BONE: TissueProperties(_hu(500, 500, 500), 180, 7.80, 20.0, 1.5, True),
+    Tissue.BONE: TissueProperties(_hu(500, 500, 500), 60, 7.80, 20.0, 1.5, True),
     Tissue.LIVER: TissueProperties(_hu(80, 105, 58), 8, 1.66, 0.5, 1.0),
     Tissue.SPLEEN: TissueProperties(_hu(120, 115, 48), 8, 1.66, 0.5, 1.05),
     Tissue.BOWEL: TissueProperties(_hu(40, 50, 30), 20, 1.60, 0.8, 0.8),
@@ -80,6 +81,7 @@ TISSUES: dict[Tissue, TissueProperties] = {
     Tissue.ARTERY: TissueProperties(_hu(260, 160, 42), 6, 1.66, 0.2, 0.02),
     Tissue.VEIN: TissueProperties(_hu(130, 150, 42), 6, 1.66, 0.2, 0.02),
     Tissue.SOFT_TISSUE: TissueProperties(_hu(60, 70, 40), 12, 1.63, 0.7, 0.75),
+    Tissue.FLUID: TissueProperties(_hu(8, 10, 8), 4, 1.52, 0.05, 0.0),
 }
 
 #: Labels that together form "the kidney" of a kidney mask (KiTS convention: the whole organ).
