@@ -49,3 +49,14 @@ def test_profiles_share_the_paper_field_of_view() -> None:
     assert get_profile(paper) is paper
     with pytest.raises(ValueError, match="unknown profile"):
         get_profile("huge")
+
+
+def test_atomic_write_gives_default_permissions(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        written = atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(mask)
+    assert written.stat().st_mode & 0o777 == 0o644

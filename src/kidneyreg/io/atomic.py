@@ -18,6 +18,12 @@ __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz", ".seg.nrrd")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     for compound in _COMPOUND_SUFFIXES:
@@ -57,6 +63,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise OSError(f"{final}: writer produced no data")
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
