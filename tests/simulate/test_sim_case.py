@@ -1,0 +1,229 @@
+"""Case writer: DESIGN.md folders, exact ground truth, determinism, atomicity, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kidneyreg.errors import InputError
+from kidneyreg.geometry import resample_on_frame
+from kidneyreg.simulate import case as case_module
+from kidneyreg.simulate.case import (
+    case_seed,
+    check_options,
+    simulate_case,
+    simulate_case_data,
+    simulate_cohort,
+    write_case,
+)
+from kidneyreg.simulate.tissues import kidney_labels
+
+FRAMES = 6
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def _check_ground_truth(folder: Path) -> int:
+    """Every frame with kidney: CT mask resampled with M_k == U/S mask (Dice >= 0.97)."""
+    ct_mask = sitk.ReadImage(str(folder / "ct_kidney_mask.nii.gz"))
+    us = sitk.ReadImage(str(folder / "us.nii.gz"))
+    us_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "us_kidney_mask.nii.gz")))
+    truth = json.loads((folder / "ground_truth.json").read_text())
+    assert truth["convention"] == "us_image_mm_to_ct_world_lps"
+    sx, sy = us.GetSpacing()[:2]
+    rows, cols = us_mask.shape[1:]
+    checked = 0
+    for entry in truth["frames"]:
+        k = entry["index"]
+        if not us_mask[k].any():
+            continue
+        resampled = resample_on_frame(
+            ct_mask, np.array(entry["matrix"]), (rows, cols), (sx, sy), interpolator="nearest"
+        )
+        assert _dice(resampled, us_mask[k]) >= 0.97, k
+        checked += 1
+    return checked
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "case_a"
+    return simulate_case(out, 5, frames=FRAMES, group="A", profile="tiny")
+
+
+def test_case_folder_follows_the_design(tiny_case: Path) -> None:
+    for name in [
+        "ct.nii.gz",
+        "ct_kidney_mask.nii.gz",
+        "us.nii.gz",
+        "us_kidney_mask.nii.gz",
+        "ground_truth.json",
+        "labels.nii.gz",
+        "us_labels.nii.gz",
+        "breathing.json",
+        "case.json",
+        "preview.png",
+    ]:
+        assert (tiny_case / name).is_file(), name
+    ct = sitk.ReadImage(str(tiny_case / "ct.nii.gz"))
+    mask = sitk.ReadImage(str(tiny_case / "ct_kidney_mask.nii.gz"))
+    assert ct.GetSize() == mask.GetSize() and np.allclose(ct.GetOrigin(), mask.GetOrigin())
+    hu = sitk.GetArrayViewFromImage(ct)
+    assert hu.min() < -900 and hu.max() > 300  # air and bone in Hounsfield units
+    assert set(np.unique(sitk.GetArrayViewFromImage(mask))) == {0, 1}
+    us = sitk.ReadImage(str(tiny_case / "us.nii.gz"))
+    assert us.GetPixelID() == sitk.sitkUInt8
+    assert us.GetOrigin() == (0.0, 0.0, 0.0)
+    assert us.GetSpacing() == pytest.approx((3.2, 3.2, 1.0))
+    assert us.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert us.GetSize()[2] == FRAMES
+    us_mask = sitk.ReadImage(str(tiny_case / "us_kidney_mask.nii.gz"))
+    assert us_mask.GetSize() == us.GetSize() and us_mask.GetPixelID() == sitk.sitkUInt8
+    info = json.loads((tiny_case / "case.json").read_text())
+    assert info["seed"] == 5 and info["group"] == "A" and info["kidney"] == "right"
+    assert info["profile"] == "tiny" and info["phase"] == "corticomedullary"
+    assert info["simulator_version"] and info["offset"]["rotation_norm_deg"] > 0
+    breathing = json.loads((tiny_case / "breathing.json").read_text())
+    assert len(breathing["signal"]) == FRAMES and breathing["cycle_starts"][0] == 0
+    assert 17.0 <= breathing["frame_rate"] <= 22.0
+    assert np.asarray(breathing["displacements"]).shape == (FRAMES, 4, 4)
+
+
+def test_ground_truth_is_exact(tiny_case: Path) -> None:
+    assert _check_ground_truth(tiny_case) == FRAMES
+
+
+def test_images_show_the_kidney_where_the_mask_is(tiny_case: Path) -> None:
+    us_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us_kidney_mask.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us_labels.nii.gz")))
+    frames = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us.nii.gz")))
+    for k in range(FRAMES):
+        assert _dice(np.isin(labels[k], kidney_labels()), us_mask[k]) >= 0.9
+    # The images differ over time (breathing) and are not blank.
+    assert frames.mean() > 20 and not np.array_equal(frames[0], frames[-1])
+
+
+def test_same_seed_same_case_other_seed_other_case(tiny_case: Path) -> None:
+    again = simulate_case_data(5, frames=FRAMES, group="A", profile="tiny")
+    frames = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us.nii.gz")))
+    assert np.array_equal(again.frames, frames)
+    truth = json.loads((tiny_case / "ground_truth.json").read_text())
+    assert np.array_equal(again.matrices, np.array([f["matrix"] for f in truth["frames"]]))
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "ct.nii.gz")))
+    assert np.array_equal(sitk.GetArrayFromImage(again.ct), ct)
+    other = simulate_case_data(6, frames=FRAMES, group="A", profile="tiny")
+    assert not np.array_equal(other.matrices, again.matrices)
+
+
+def test_default_length_is_two_breathing_cycles() -> None:
+    case = simulate_case_data(11, group="B", profile="tiny")
+    starts = case.breathing["cycle_starts"]
+    assert len(starts) == 3 and starts[0] == 0 and starts[-1] == len(case.frames) - 1
+    assert 2 * 30 <= len(case.frames) <= 2 * 110
+    assert case.info["group"] == "B"
+
+
+def test_existing_case_is_replaced_only_when_complete(
+    tiny_case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = simulate_case_data(7, frames=2, profile="tiny", group="A")
+    target = tmp_path / "case"
+    write_case(case, target, preview=False)
+    before = (target / "case.json").read_text()
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(case_module, "_preview", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_case(simulate_case_data(8, frames=2, profile="tiny"), target)
+    assert (target / "case.json").read_text() == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]  # no temporary leftovers
+    monkeypatch.undo()
+    write_case(simulate_case_data(8, frames=2, profile="tiny"), target, preview=False)
+    assert json.loads((target / "case.json").read_text())["seed"] == 8
+
+
+def test_cohort_seeds_and_bad_options(tmp_path: Path) -> None:
+    assert case_seed(1, 0) == case_seed(1, 0) != case_seed(1, 1)
+    with pytest.raises(InputError, match="--cases"):
+        simulate_cohort(tmp_path / "c", 0, seed=0)
+    for kwargs, name in [
+        ({"group": "C"}, "--group"),
+        ({"profile": "huge"}, "--profile"),
+        ({"phase": "arterial"}, "--phase"),
+        ({"frames": 0}, "--frames"),
+        ({"kidney": "middle"}, "--kidney"),
+        ({"labels": "x.nii.gz"}, "--labels"),
+        ({"from_ct": tmp_path / "missing.nii.gz"}, "missing"),
+    ]:
+        with pytest.raises(InputError, match=name):
+            check_options(**kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real anatomy (skipped without ../shared/data)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_ct_case_has_exact_ground_truth(real_ct_dir: Path, tmp_path: Path) -> None:
+    folder = simulate_case(
+        tmp_path / "real", 2, frames=4, profile="tiny", from_ct=real_ct_dir, kidney="right"
+    )
+    assert _check_ground_truth(folder) >= 1
+    info = json.loads((folder / "case.json").read_text())
+    assert info["anatomy_source"].endswith("ct.nii.gz") and info["kidney"] == "right"
+
+
+@pytest.mark.realdata
+def test_real_labels_without_the_kidney(real_ct_dir: Path, tmp_path: Path) -> None:
+    labels = sitk.ReadImage(str(real_ct_dir / "kidneys.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    array[array == 2] = 0  # no left kidney
+    only_right = sitk.GetImageFromArray(array)
+    only_right.CopyInformation(labels)
+    path = tmp_path / "right_only.nii.gz"
+    sitk.WriteImage(only_right, str(path))
+    with pytest.raises(InputError, match="left"):
+        simulate_case_data(
+            0,
+            frames=2,
+            profile="tiny",
+            from_ct=real_ct_dir / "ct.nii.gz",
+            labels=path,
+            kidney="left",
+        )
+
+
+@pytest.mark.realdata
+def test_real_ct_too_small_for_the_probe(real_ct_dir: Path, tmp_path: Path) -> None:
+    ct = sitk.ReadImage(str(real_ct_dir / "ct.nii.gz"))
+    labels = sitk.ReadImage(str(real_ct_dir / "kidneys.nii.gz"))
+    kz, ky, kx = np.nonzero(sitk.GetArrayViewFromImage(labels) == 1)
+    # Keep a box just around the right kidney: no skin, no room for the probe.
+    lo = [int(kx.min()) - 2, int(ky.min()) - 2, int(kz.min()) - 2]
+    hi = [int(kx.max()) + 3, int(ky.max()) + 3, int(kz.max()) + 3]
+    crop = {
+        name: image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        for name, image in [("ct", ct), ("labels", labels)]
+    }
+    for name, image in crop.items():
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    with pytest.raises(InputError, match="too small"):
+        simulate_case_data(
+            0,
+            frames=2,
+            profile="tiny",
+            from_ct=tmp_path / "ct.nii.gz",
+            labels=tmp_path / "labels.nii.gz",
+            kidney="right",
+        )
