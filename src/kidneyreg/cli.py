@@ -138,6 +138,232 @@ def evaluate(
         typer.echo(f"wrote {json_out}")
 
 
+@app.command("train-features")
+def train_features(
+    modality: Annotated[str, typer.Option("--modality", help="Network to train: ct or us.")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Simulated cohort (case folders) or KiTS19 folder (CT)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Checkpoint (.pt); .best.pt and .log.csv are written beside."),
+    ],
+    profile: Annotated[
+        str, typer.Option("--profile", help="Resolution profile: paper, cpu or tiny.")
+    ] = "cpu",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Total epochs (default: the profile's).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Steps per epoch (default: the profile's).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Patches per step (default: the profile's).")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option("--window", help="U/S frames per window (default: 5).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Adam learning rate (default: 1e-4, the paper's).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run saved in --out.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of split, patches and dropout.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", help="Also write a compact float16 copy of the best model."),
+    ] = None,
+) -> None:
+    """Train the CT or U/S kidney feature network (ULBNet) on case folders."""
+    from kidneyreg.features.train import default_train_settings, export_model, train_from_folder
+
+    if modality not in ("ct", "us"):
+        raise InputError("--modality", f"must be ct or us, got {modality!r}")
+    if profile not in ("paper", "cpu", "tiny"):
+        raise InputError("--profile", f"must be paper, cpu or tiny, got {profile!r}")
+    for name, value in (("--epochs", epochs), ("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise InputError(name, f"must be at least 1, got {value}")
+    if window is not None and (modality != "us" or window < 1):
+        raise InputError("--window", "is a positive frame count, for --modality us only")
+    if lr is not None and not 0 < lr < 1:
+        raise InputError("--lr", f"must be a learning rate in (0, 1), got {lr}")
+    settings = default_train_settings(
+        profile,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        seed=seed,
+    )
+    result = train_from_folder(
+        modality,
+        data,
+        out,
+        profile=profile,
+        window=window,
+        settings=settings,
+        resume=resume,
+        device=device,
+        log=typer.echo,
+    )
+    typer.echo(f"wrote {result.checkpoint}, {result.best} and {result.log}")
+    if export is not None:
+        export_model(result.best, export)
+        typer.echo(f"wrote {export}")
+
+
+@app.command()
+def segment(
+    modality: Annotated[str, typer.Option("--modality", help="Input kind: ct or us.")],
+    input_path: Annotated[
+        Path,
+        typer.Option("--input", help="CT volume, U/S sequence or a single U/S image (PNG)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Mask on the input's grid: .nii.gz/.nrrd/.mha, or .png."),
+    ],
+    spacing: Annotated[
+        float | None,
+        typer.Option("--spacing", help="U/S pixel size in mm (PNG or video input)."),
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Write probabilities instead of a mask.")
+    ] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Feature-net checkpoint (default: bundled).")
+    ] = None,
+    profile: Annotated[
+        str, typer.Option("--profile", help="Profile of the bundled model.")
+    ] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Kidney mask (or probability map) of a CT or U/S input with the feature network."""
+    from kidneyreg.features.infer import segment_file
+
+    if spacing is not None and not spacing > 0:
+        raise InputError("--spacing", f"must be a positive pixel size in mm, got {spacing}")
+    result = segment_file(
+        modality,
+        input_path,
+        out,
+        spacing=spacing,
+        probabilities=probabilities,
+        model=model,
+        profile=profile,
+        device=device,
+    )
+    share = 100.0 * result.kidney_voxels / max(1, result.total_voxels)
+    typer.echo(f"wrote {result.path} (kidney: {result.kidney_voxels} voxels, {share:.1f} %)")
+
+
+@app.command()
+def pretrain(
+    cohort: Annotated[
+        Path, typer.Option("--cohort", help="Folder of case folders with reference poses.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Checkpoint (.pt), rewritten every epoch; log beside.")
+    ],
+    profile: Annotated[
+        str, typer.Option("--profile", help="Resolution profile: paper, cpu or tiny.")
+    ] = "cpu",
+    epochs: Annotated[int, typer.Option("--epochs", help="Total epochs.")] = 10,
+    pairs: Annotated[
+        int, typer.Option("--pairs", help="Generated pairs per epoch (paper: ~12000).")
+    ] = 1000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Windows per step (per process).")
+    ] = 2,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 3e-4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of split, weights and pairs.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run saved in --out.")
+    ] = False,
+    no_mind: Annotated[
+        bool, typer.Option("--no-mind", help="Ablation: without the MIND image loss.")
+    ] = False,
+    no_decoder: Annotated[
+        bool, typer.Option("--no-decoder", help="Ablation: without decoder layers.")
+    ] = False,
+    no_hierarchical: Annotated[
+        bool, typer.Option("--no-hierarchical", help="Ablation: last level's head only.")
+    ] = False,
+    window: Annotated[
+        int | None, typer.Option("--window", help="U/S frames per window: 1, 3 or 5.")
+    ] = None,
+    features: Annotated[
+        str, typer.Option("--features", help="Feature maps: masks (ground truth) or network.")
+    ] = "masks",
+    ct_feature_model: Annotated[
+        Path | None, typer.Option("--ct-feature-model", help="CT feature net (--features network).")
+    ] = None,
+    us_feature_model: Annotated[
+        Path | None,
+        typer.Option("--us-feature-model", help="U/S feature net (--features network)."),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of patients held out.")
+    ] = 0.2,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="DataLoader workers (default: auto).")
+    ] = None,
+) -> None:
+    """Pretrain the registration network on generated pairs (run under torchrun for DDP)."""
+    import os
+
+    from kidneyreg.registration.train import log_path
+    from kidneyreg.registration.train import pretrain as run_pretrain
+
+    if profile not in ("paper", "cpu", "tiny"):
+        raise InputError("--profile", f"must be paper, cpu or tiny, got {profile!r}")
+    if window is not None and window not in (1, 3, 5):
+        raise InputError("--window", f"must be 1, 3 or 5, got {window}")
+    if features not in ("masks", "network"):
+        raise InputError("--features", f"must be masks or network, got {features!r}")
+    if features != "network" and (ct_feature_model or us_feature_model):
+        raise InputError("--ct-feature-model", "only applies with --features network")
+    if workers is not None and workers < 0:
+        raise InputError("--workers", f"must be >= 0, got {workers}")
+    models = None
+    if features == "network" and (ct_feature_model or us_feature_model):
+        from kidneyreg.features.infer import load_feature_model
+        from kidneyreg.registration.pairs import FeatureModels
+
+        models = FeatureModels(
+            load_feature_model(ct_feature_model, modality="ct", profile=profile),
+            load_feature_model(us_feature_model, modality="us", profile=profile),
+        )
+    result = run_pretrain(
+        cohort,
+        out,
+        profile=profile,
+        epochs=epochs,
+        pairs=pairs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        val_fraction=val_fraction,
+        resume=resume,
+        num_workers=workers,
+        features="network" if features == "network" else "masks",
+        feature_models=models,
+        window=window,
+        use_mind=not no_mind,
+        use_decoder=not no_decoder,
+        hierarchical=not no_hierarchical,
+        log=typer.echo,
+    )
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        typer.echo(f"wrote {result.checkpoint} and {log_path(result.checkpoint)}")
+
+
 def main() -> None:
     """Entry point: run the app, turning input errors into one line and exit status 2."""
     try:

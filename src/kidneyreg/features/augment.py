@@ -1,0 +1,298 @@
+"""Training augmentation of feature-net patches: random parameters, deterministic application.
+
+Each augmentation is a *random* class that only samples parameters from a ``torch.Generator``
+(:class:`RandomIntensity`, :class:`RandomSpatial`) and a *deterministic* function that applies
+given parameters (:func:`apply_intensity`, :func:`apply_spatial`). Training stays reproducible
+and resumable (the generator's state is checkpointed), and every transform can be tested alone.
+
+Patches are torch tensors ``(C, D, H, W)`` with intensities normalised to about [0, 1] (CT through
+the fixed HU window, U/S from uint8) and a 0/1 mask of the same spatial size. For U/S windows
+``D`` is the frame axis: spatial transforms then act in each frame's plane only (rotation about the
+frame axis, in-plane scaling), so frames never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Augmentation",
+    "IntensityParams",
+    "RandomIntensity",
+    "RandomSpatial",
+    "SpatialParams",
+    "apply_intensity",
+    "apply_spatial",
+    "default_augmentation",
+]
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand((), generator=generator).item())
+
+
+def _check_range(values: tuple[float, float], name: str) -> None:
+    if len(values) != 2 or values[0] > values[1]:
+        raise ValueError(f"{name} must be (low, high) with low <= high, got {values!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntensityParams:
+    """Parameters of :func:`apply_intensity`.
+
+    Attributes:
+        gamma: Exponent applied to the intensities clipped to [0, 1] (1 = unchanged).
+        scale: Contrast factor after the gamma.
+        shift: Brightness offset after the scaling.
+        noise_std: Standard deviation of additive Gaussian noise (0 = none).
+        noise_seed: Seed of the noise field, so that the same parameters give the same output.
+    """
+
+    gamma: float = 1.0
+    scale: float = 1.0
+    shift: float = 0.0
+    noise_std: float = 0.0
+    noise_seed: int = 0
+
+
+def apply_intensity(image: torch.Tensor, params: IntensityParams) -> torch.Tensor:
+    """``(clip(image, 0, 1) ** gamma) * scale + shift + noise``, deterministic given ``params``.
+
+    Args:
+        image: Tensor of any shape, intensities nominally in [0, 1].
+        params: The parameters.
+
+    Returns:
+        A new float tensor of the same shape.
+
+    Example:
+        >>> apply_intensity(torch.tensor([0.25, 1.0]), IntensityParams(gamma=2.0, shift=0.1))
+        tensor([0.1625, 1.1000])
+    """
+    if params.gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {params.gamma}")
+    out = image.float().clamp(0.0, 1.0) ** params.gamma
+    out = out * params.scale + params.shift
+    if params.noise_std > 0:
+        generator = torch.Generator().manual_seed(int(params.noise_seed))
+        noise = torch.randn(out.shape, generator=generator) * params.noise_std
+        out = out + noise.to(out.device)
+    return out
+
+
+@dataclass(frozen=True)
+class RandomIntensity:
+    """Sampler of :class:`IntensityParams`: gamma, contrast, brightness and noise.
+
+    The gamma is drawn log-uniformly (brightening and darkening equally likely), the other
+    parameters uniformly; noise is added with probability ``noise_probability``.
+
+    Example:
+        >>> p = RandomIntensity().sample(torch.Generator().manual_seed(0))
+        >>> 0.7 <= p.gamma <= 1.5
+        True
+    """
+
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    shift_range: tuple[float, float] = (-0.1, 0.1)
+    noise_std_range: tuple[float, float] = (0.0, 0.05)
+    noise_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("gamma_range", "scale_range", "shift_range", "noise_std_range"):
+            _check_range(getattr(self, name), name)
+        if self.gamma_range[0] <= 0:
+            raise ValueError("gamma_range must be positive")
+
+    def sample(self, generator: torch.Generator) -> IntensityParams:
+        """Draw one set of parameters (consumes a fixed number of draws)."""
+        log_gamma = _uniform(generator, *map(math.log, self.gamma_range))
+        scale = _uniform(generator, *self.scale_range)
+        shift = _uniform(generator, *self.shift_range)
+        noisy = _uniform(generator, 0.0, 1.0) < self.noise_probability
+        std = _uniform(generator, *self.noise_std_range)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator).item())
+        return IntensityParams(math.exp(log_gamma), scale, shift, std if noisy else 0.0, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpatialParams:
+    """Parameters of :func:`apply_spatial`: a rotation and an isotropic scaling about the centre.
+
+    Attributes:
+        angles_deg: Rotation angles about the D, H and W axes (degrees), applied in that order.
+        scale: Zoom factor (> 1 enlarges the content).
+        in_plane: Keep the D axis untouched (U/S windows: D is time); then only the rotation
+            about D is used and the scaling acts on H and W.
+    """
+
+    angles_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+    in_plane: bool = False
+
+
+def _rotation(axis: int, angle_rad: float) -> torch.Tensor:
+    """3x3 rotation about one of the (x=W, y=H, z=D) axes (index into that xyz order)."""
+    c, s = math.cos(angle_rad), math.sin(angle_rad)
+    i, j = [k for k in range(3) if k != axis]
+    matrix = torch.eye(3, dtype=torch.float64)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix
+
+
+def spatial_theta(params: SpatialParams, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The ``affine_grid`` matrix ``(3, 4)`` of ``params`` for a ``(D, H, W)`` patch.
+
+    The rotation is built in voxel units (so a non-cubic patch is rotated, not sheared) and
+    converted to the normalised coordinates of ``affine_grid`` (``align_corners=False``).
+    """
+    if params.scale <= 0:
+        raise ValueError(f"scale must be > 0, got {params.scale}")
+    d, h, w = shape
+    half = torch.tensor([w / 2.0, h / 2.0, d / 2.0], dtype=torch.float64)  # x, y, z order
+    angle_d, angle_h, angle_w = (math.radians(a) for a in params.angles_deg)
+    # affine_grid's coordinate order is (x=W, y=H, z=D): rotation about D is about z (index 2).
+    if params.in_plane:
+        rotation = _rotation(2, angle_d)
+        zoom = torch.diag(torch.tensor([params.scale, params.scale, 1.0], dtype=torch.float64))
+    else:
+        rotation = _rotation(0, angle_w) @ _rotation(1, angle_h) @ _rotation(2, angle_d)
+        zoom = torch.eye(3, dtype=torch.float64) * params.scale
+    # Output voxel p_out samples the input at R^-1 zoom^-1 p_out (in voxel units about the centre).
+    voxel_map = rotation.T @ torch.linalg.inv(zoom)
+    normalised = torch.diag(1.0 / half) @ voxel_map @ torch.diag(half)
+    theta = torch.zeros(3, 4, dtype=torch.float64)
+    theta[:, :3] = normalised
+    return theta.float()
+
+
+def apply_spatial(
+    image: torch.Tensor, mask: torch.Tensor, params: SpatialParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and scale a patch and its mask about the patch centre (same output size).
+
+    The image is interpolated linearly with border replication; the mask is interpolated
+    linearly and thresholded at 0.5 (smoother than nearest neighbour), staying 0/1.
+
+    Args:
+        image: ``(C, D, H, W)`` float.
+        mask: ``(1, D, H, W)`` 0/1.
+        params: The transform.
+
+    Returns:
+        ``(image, mask)`` transformed, float32.
+
+    Example:
+        >>> img, msk = torch.rand(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+        >>> out, _ = apply_spatial(img, msk, SpatialParams())
+        >>> torch.allclose(out, img, atol=1e-5)
+        True
+    """
+    if image.ndim != 4 or mask.ndim != 4 or image.shape[1:] != mask.shape[1:]:
+        raise ValueError(
+            f"image (C, D, H, W) and mask (1, D, H, W) must match, got {tuple(image.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
+    shape = (int(image.shape[1]), int(image.shape[2]), int(image.shape[3]))
+    theta = spatial_theta(params, shape).to(image.device)
+    both = torch.cat([image.float(), mask.float()], dim=0).unsqueeze(0)
+    grid = F.affine_grid(theta.unsqueeze(0), list(both.shape), align_corners=False)
+    warped = F.grid_sample(
+        both, grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).squeeze(0)
+    channels = image.shape[0]
+    return warped[:channels], (warped[channels:] >= 0.5).float()
+
+
+@dataclass(frozen=True)
+class RandomSpatial:
+    """Sampler of :class:`SpatialParams`: small rotations and scalings.
+
+    Args:
+        max_angle_deg: Rotation angles drawn uniformly in ``[-max, max]`` about each axis (only
+            about D when ``in_plane``).
+        scale_range: Zoom drawn log-uniformly in this range.
+        in_plane: For U/S windows (see :class:`SpatialParams`).
+        probability: Chance of transforming at all (else the identity, which is cheaper).
+
+    Example:
+        >>> sampler = RandomSpatial(in_plane=True, probability=1.0)
+        >>> p = sampler.sample(torch.Generator().manual_seed(1))
+        >>> p.in_plane, p.angles_deg[1:]
+        (True, (0.0, 0.0))
+    """
+
+    max_angle_deg: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    in_plane: bool = False
+    probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_range(self.scale_range, "scale_range")
+        if self.scale_range[0] <= 0 or self.max_angle_deg < 0:
+            raise ValueError("scale_range must be positive and max_angle_deg non-negative")
+
+    def sample(self, generator: torch.Generator) -> SpatialParams | None:
+        """Draw parameters, or None for "leave the patch as it is" (consumes fixed draws)."""
+        apply = _uniform(generator, 0.0, 1.0) < self.probability
+        angles = [_uniform(generator, -self.max_angle_deg, self.max_angle_deg) for _ in range(3)]
+        scale = math.exp(_uniform(generator, *map(math.log, self.scale_range)))
+        if not apply:
+            return None
+        if self.in_plane:
+            angles[1] = angles[2] = 0.0
+        return SpatialParams((angles[0], angles[1], angles[2]), scale, self.in_plane)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Spatial then intensity augmentation of one patch.
+
+    Example:
+        >>> aug = default_augmentation("us")
+        >>> img, msk = aug(torch.rand(1, 5, 16, 16), torch.zeros(1, 5, 16, 16), torch.Generator())
+        >>> img.shape
+        torch.Size([1, 5, 16, 16])
+    """
+
+    spatial: RandomSpatial | None = None
+    intensity: RandomIntensity | None = None
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``image`` ``(C, D, H, W)`` and ``mask`` ``(1, D, H, W)``."""
+        if self.spatial is not None:
+            params = self.spatial.sample(generator)
+            if params is not None:
+                image, mask = apply_spatial(image, mask, params)
+        if self.intensity is not None:
+            image = apply_intensity(image, self.intensity.sample(generator))
+        return image, mask
+
+
+def default_augmentation(modality: str) -> Augmentation:
+    """The training augmentation of a modality (U/S: spatial transforms in the frame plane).
+
+    Example:
+        >>> default_augmentation("ct").spatial.in_plane
+        False
+    """
+    if modality not in ("ct", "us"):
+        raise ValueError(f"modality must be 'ct' or 'us', got {modality!r}")
+    return Augmentation(RandomSpatial(in_plane=modality == "us"), RandomIntensity())

@@ -1,0 +1,85 @@
+"""Augmentation: reproducible sampling, deterministic application, frames never mixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kidneyreg.features.augment import (
+    IntensityParams,
+    RandomIntensity,
+    RandomSpatial,
+    SpatialParams,
+    apply_intensity,
+    apply_spatial,
+    default_augmentation,
+)
+
+
+def test_intensity_is_deterministic_given_its_parameters() -> None:
+    image = torch.linspace(0, 1, 60).reshape(1, 3, 4, 5)
+    params = IntensityParams(gamma=1.3, scale=1.05, shift=-0.02, noise_std=0.03, noise_seed=4)
+    assert torch.equal(apply_intensity(image, params), apply_intensity(image, params))
+    clean = apply_intensity(image, IntensityParams(gamma=2.0, scale=0.5, shift=0.1))
+    assert torch.allclose(clean, image**2 * 0.5 + 0.1)
+    noisy = apply_intensity(image, params) - apply_intensity(
+        image, IntensityParams(gamma=1.3, scale=1.05, shift=-0.02)
+    )
+    assert 0.01 < float(noisy.std()) < 0.06
+
+
+def test_random_samplers_are_reproducible_from_the_generator() -> None:
+    sampler = RandomIntensity()
+    a = [sampler.sample(torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert a[0] == a[1]
+    generator = torch.Generator().manual_seed(5)
+    assert sampler.sample(generator) != sampler.sample(generator)  # the stream advances
+    for p in (sampler.sample(torch.Generator().manual_seed(s)) for s in range(20)):
+        assert 0.7 <= p.gamma <= 1.5 and 0.9 <= p.scale <= 1.1 and -0.1 <= p.shift <= 0.1
+    spatial = RandomSpatial(probability=1.0)
+    for s in range(20):
+        q = spatial.sample(torch.Generator().manual_seed(s))
+        assert q is not None and max(abs(a) for a in q.angles_deg) <= 10.0
+        assert 0.9 <= q.scale <= 1.1
+
+
+def test_identity_and_quarter_turn_in_plane() -> None:
+    image = torch.rand(1, 3, 8, 8)
+    mask = (torch.rand(1, 3, 8, 8) > 0.5).float()
+    out, out_mask = apply_spatial(image, mask, SpatialParams())
+    assert torch.allclose(out, image, atol=1e-5) and torch.equal(out_mask, mask)
+    turned, turned_mask = apply_spatial(image, mask, SpatialParams((90.0, 0.0, 0.0), in_plane=True))
+    # A quarter turn in the (H, W) plane of a square patch is an exact pixel permutation.
+    candidates = [torch.rot90(image, k, dims=(2, 3)) for k in (1, 3)]
+    assert any(torch.allclose(turned, c, atol=1e-4) for c in candidates)
+    assert set(turned_mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_in_plane_transforms_never_mix_frames() -> None:
+    # Each frame constant: any in-plane transform keeps each frame constant (border padding).
+    values = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7])
+    image = values.reshape(1, 5, 1, 1).expand(1, 5, 12, 16).clone()
+    mask = torch.zeros(1, 5, 12, 16)
+    for seed in range(5):
+        params = RandomSpatial(in_plane=True, probability=1.0).sample(
+            torch.Generator().manual_seed(seed)
+        )
+        assert params is not None and params.in_plane
+        out, _ = apply_spatial(image, mask, params)
+        assert torch.allclose(out, image, atol=1e-5)
+
+
+def test_default_augmentation_keeps_shapes_and_binary_masks() -> None:
+    for modality, shape in (("ct", (1, 8, 16, 16)), ("us", (1, 5, 16, 24))):
+        aug = default_augmentation(modality)
+        mask = torch.zeros(shape)
+        mask[:, 2:5, 4:10, 4:10] = 1.0
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        image = torch.rand(shape)
+        a = aug(image, mask, g1)
+        b = aug(image, mask, g2)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].shape == shape and a[1].shape == shape
+        assert set(a[1].unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="modality"):
+        default_augmentation("mri")

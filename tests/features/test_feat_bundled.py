@@ -1,0 +1,41 @@
+"""The bundled feature models: small, loadable, and good on the real CT of ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kidneyreg.features.config import feature_config
+from kidneyreg.features.infer import bundled_model_path, load_feature_model, predict_ct
+from kidneyreg.features.metrics import dice
+from kidneyreg.io.image import read_ct, read_mask
+
+
+def _bundled(modality: str) -> Path:
+    path = bundled_model_path(modality, "cpu")
+    if not path.is_file():
+        pytest.skip(f"no bundled {modality} model in this checkout")
+    return path
+
+
+@pytest.mark.parametrize("modality", ["ct", "us"])
+def test_bundled_models_are_small_and_load(modality: str) -> None:
+    path = _bundled(modality)
+    assert path.stat().st_size < 5_000_000
+    model = load_feature_model(modality=modality)
+    assert model.config == feature_config(modality, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_bundled_ct_model_on_the_real_ct(real_ct_dir: Path) -> None:
+    _bundled("ct")
+    ct = read_ct(real_ct_dir / "ct.nii.gz")
+    truth = read_mask(real_ct_dir / "kidneys.nii.gz", ct, labels=(1, 2))
+    probs = predict_ct(load_feature_model(modality="ct"), ct)
+    score = dice(sitk.GetArrayFromImage(probs) >= 0.5, sitk.GetArrayFromImage(truth))
+    assert score >= 0.80, score
+    assert np.isfinite(sitk.GetArrayFromImage(probs)).all()

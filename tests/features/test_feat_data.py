@@ -1,0 +1,139 @@
+"""Training data: layouts, patient split, preprocessing and kidney-biased patches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import blob_volume, ellipsoid, us_frames, write_ct_case, write_us_case
+from kidneyreg.errors import InputError
+from kidneyreg.features.config import feature_config
+from kidneyreg.features.data import (
+    CaseData,
+    CaseFiles,
+    PatchSampler,
+    find_cases,
+    load_case,
+    normalize_us,
+    read_ct_target,
+    split_by_patient,
+)
+from kidneyreg.io.image import read_ct
+
+
+def test_find_cases_in_both_layouts(tmp_path: Path) -> None:
+    write_ct_case(tmp_path / "cohort" / "case_001", layout="sim")
+    write_ct_case(tmp_path / "cohort" / "case_000", layout="sim")
+    write_us_case(tmp_path / "cohort" / "case_000")
+    (tmp_path / "cohort" / "notes").mkdir()
+    ct = find_cases(tmp_path / "cohort", "ct")
+    assert [c.name for c in ct] == ["case_000", "case_001"]
+    assert [c.name for c in find_cases(tmp_path / "cohort", "us")] == ["case_000"]
+    kits = write_ct_case(tmp_path / "kits" / "case_00000", layout="kits")
+    (found,) = find_cases(tmp_path / "kits", "ct")
+    assert found.labels == (1, 2) and found.image.name == "imaging.nii.gz"
+    # KiTS: labels 1 and 2 are both kidney.
+    target = read_ct_target(found, read_ct(kits / "imaging.nii.gz"))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(kits / "segmentation.nii.gz")))
+    assert (labels == 2).any()
+    assert np.array_equal(sitk.GetArrayFromImage(target), labels > 0)
+    # A case folder itself is accepted.
+    assert [c.name for c in find_cases(kits, "ct")] == ["case_00000"]
+
+
+def test_find_cases_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        find_cases(tmp_path / "missing", "ct")
+    with pytest.raises(InputError, match="no US training case"):
+        find_cases(tmp_path, "us")
+
+
+def test_simulator_label_map_gives_both_kidneys(tmp_path: Path) -> None:
+    folder = write_ct_case(tmp_path / "case_000")
+    ct = sitk.ReadImage(str(folder / "ct.nii.gz"))
+    labels = np.zeros(ct.GetSize()[::-1], np.uint8)
+    labels[2:5, 2:5, 2:5] = 9  # cortex of a second kidney (Tissue.CORTEX)
+    labels[10, 15, 17] = 10  # medulla of the first
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(ct)
+    sitk.WriteImage(image, str(folder / "labels.nii.gz"))
+    (files,) = find_cases(tmp_path, "ct")
+    target = sitk.GetArrayFromImage(read_ct_target(files, read_ct(files.image)))
+    assert target.sum() == 27 + 1
+
+
+def test_split_is_by_patient_and_reproducible() -> None:
+    cases = [
+        CaseFiles(f"case_{i}", f"patient_{i // 2}", Path("ct"), Path("mask")) for i in range(10)
+    ]
+    train, val = split_by_patient(cases, 0.2, seed=3)
+    assert split_by_patient(cases, 0.2, seed=3) == (train, val)
+    assert len(val) == 2 and len(train) == 8  # one of five patients, both of its cases
+    assert not {c.patient for c in train} & {c.patient for c in val}
+    assert split_by_patient(cases[:2], 0.5, seed=0)[1] == []  # one patient: no validation
+
+
+def test_patient_key_comes_from_case_json(tmp_path: Path) -> None:
+    for name in ("case_000", "case_001"):
+        folder = write_ct_case(tmp_path / name)
+        (folder / "case.json").write_text(json.dumps({"anatomy_seed": 5, "anatomy_source": "x"}))
+    assert {c.patient for c in find_cases(tmp_path, "ct")} == {"x:5"}
+
+
+def test_load_ct_case_resamples_normalises_and_pads(tmp_path: Path) -> None:
+    folder = write_ct_case(tmp_path / "case_000")
+    config = feature_config("ct", "tiny")
+    (files,) = find_cases(tmp_path, "ct")
+    case = load_case(files, config)
+    assert case.image.dtype == np.float16 and case.mask.dtype == np.uint8
+    assert all(n >= p for n, p in zip(case.image.shape, config.patch_size, strict=True))
+    assert 0.0 <= float(case.image.min()) and float(case.image.max()) <= 1.0
+    # The kidney volume is kept (ellipsoid 5 x 7 x 6 voxels of 3 x 2 x 2 mm ~ 10.6 ml).
+    kidney_ml = case.mask.sum() * 3.2**3 / 1000
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ct_kidney_mask.nii.gz")))
+    assert kidney_ml == pytest.approx(truth.sum() * 12 / 1000, rel=0.25)
+    assert len(case.kidney_voxels) == case.mask.sum()
+
+
+def test_load_us_case(tmp_path: Path) -> None:
+    write_us_case(tmp_path / "case_000", pixel=1.6)
+    config = feature_config("us", "tiny")
+    (files,) = find_cases(tmp_path, "us")
+    case = load_case(files, config)
+    assert case.image.shape[0] == 6  # frames are never resampled
+    assert case.image.shape[1] >= 48 and case.image.shape[2] >= 64  # padded to the window
+    assert case.mask.any() and float(case.image.max()) <= 1.0
+    assert normalize_us(np.array([0, 255]))[1] == 1.0
+
+
+def test_patch_sampler_kidney_fraction_and_shapes() -> None:
+    config = feature_config("ct", "tiny")
+    mask = ellipsoid((40, 120, 120), (20, 60, 60), (4, 8, 8)).astype(np.uint8)
+    case = CaseData.from_arrays("blob", 0.2 + 0.5 * mask, mask)
+    always = PatchSampler([case], config, kidney_fraction=1.0)
+    g = torch.Generator().manual_seed(0)
+    patches = [always.sample(g) for _ in range(12)]
+    assert all(p[0].shape == (1, *config.patch_size) for p in patches)
+    assert all(float(p[1].sum()) > 0 for p in patches)
+    never = PatchSampler([case], config, kidney_fraction=0.0)
+    hits = [float(never.sample(g)[1].sum()) > 0 for _ in range(40)]
+    assert sum(hits) < 40  # uniform patches often miss the kidney
+    small = CaseData.from_arrays("small", *blob_volume(0, (8, 56, 56)))
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        PatchSampler([small], config)
+
+
+def test_us_patches_are_windows_centred_on_kidney_frames() -> None:
+    config = feature_config("us", "tiny", window=3)
+    frames, masks = us_frames(n=4, rows=60, cols=80)
+    masks[[0, 1, 3]] = 0  # kidney only in frame 2
+    case = CaseData.from_arrays("us", normalize_us(frames), masks)
+    sampler = PatchSampler([case], config, kidney_fraction=1.0)
+    image, mask = sampler.sample(torch.Generator().manual_seed(1))
+    assert image.shape == (1, 3, 48, 64)
+    assert float(mask[0, 1].sum()) > 0 and float(mask[0, 0].sum()) == 0  # middle frame = 2

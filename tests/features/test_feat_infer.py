@@ -1,0 +1,94 @@
+"""Inference: maps on the input's own grid, U/S windows centred on their frame."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from conftest import us_frames, write_ct_case
+from kidneyreg.errors import InputError
+from kidneyreg.features.infer import (
+    bundled_model_path,
+    load_feature_model,
+    predict_ct,
+    predict_us,
+    predict_us_frames,
+    segment_file,
+)
+from kidneyreg.io.us import UltrasoundSequence
+
+
+def test_ct_probabilities_lie_on_the_input_grid(
+    tmp_path: Path, tiny_model: Callable[[str], Path]
+) -> None:
+    folder = write_ct_case(tmp_path / "case")
+    ct = sitk.ReadImage(str(folder / "ct.nii.gz"), sitk.sitkFloat32)
+    probs = predict_ct(load_feature_model(tiny_model("ct"), modality="ct"), ct)
+    assert probs.GetSize() == ct.GetSize()
+    assert probs.GetSpacing() == ct.GetSpacing() and probs.GetOrigin() == ct.GetOrigin()
+    assert probs.GetDirection() == ct.GetDirection()
+    values = sitk.GetArrayFromImage(probs)
+    assert 0.0 <= values.min() and values.max() <= 1.0 and np.isfinite(values).all()
+
+
+class _FirstFrameOfWindow(nn.Module):
+    """A stand-in network whose output, for every frame of a window, is the window's first frame."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :1].expand_as(x).clone()
+
+
+def test_each_us_frame_comes_from_the_window_it_centres(
+    tiny_model: Callable[[str], Path],
+) -> None:
+    model = load_feature_model(tiny_model("us"), modality="us")
+    window = model.config.window
+    model.net = _FirstFrameOfWindow()  # type: ignore[assignment]
+    n = 7
+    frames = np.stack([np.full((48, 64), k / 10.0, np.float32) for k in range(n)])
+    out = predict_us_frames(model, frames)
+    assert out.shape == frames.shape
+    for k in range(n):
+        # Middle of the window centred on k is k; its first frame is k - Nw // 2, clamped.
+        expected = max(0, k - window // 2) / 10.0
+        assert np.allclose(out[k], expected, atol=1e-5), k
+
+
+def test_us_maps_return_to_the_original_pixel_grid(tiny_model: Callable[[str], Path]) -> None:
+    model = load_feature_model(tiny_model("us"), modality="us")
+    frames, _ = us_frames(n=3, rows=70, cols=45)
+    sequence = UltrasoundSequence(frames, (1.1, 0.7))
+    probs = predict_us(model, sequence)
+    assert probs.shape == sequence.shape and probs.dtype == np.float32
+    assert 0.0 <= probs.min() and probs.max() <= 1.0
+
+
+def test_model_loading_errors(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
+    with pytest.raises(InputError, match="is a CT feature model"):
+        load_feature_model(tiny_model("ct"), modality="us")
+    with pytest.raises(InputError, match="no bundled"):
+        load_feature_model(modality="ct", profile="tiny")
+    assert bundled_model_path("us", "cpu").name == "features_us_cpu.pt"
+    with pytest.raises(InputError, match="does not exist"):
+        load_feature_model(tmp_path / "none.pt", modality="ct")
+
+
+def test_segment_file_output_rules(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
+    folder = write_ct_case(tmp_path / "case")
+    model = tiny_model("ct")
+    with pytest.raises(InputError, match="unsupported output"):
+        segment_file("ct", folder / "ct.nii.gz", tmp_path / "mask.png", model=model)
+    with pytest.raises(InputError, match="--spacing"):
+        segment_file("ct", folder / "ct.nii.gz", tmp_path / "m.nii.gz", spacing=1.0, model=model)
+    frames, _ = us_frames(n=2)
+    image = sitk.GetImageFromArray(frames)
+    image.SetSpacing((0.9, 0.9, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "us.nrrd"))
+    with pytest.raises(InputError, match="one frame"):
+        segment_file("us", tmp_path / "us.nrrd", tmp_path / "m.png", model=tiny_model("us"))

@@ -1,0 +1,164 @@
+"""Training: the loss, learning on synthetic blobs, checkpoints, bit-exact resumption."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import blob_volume, us_frames, write_ct_case
+from kidneyreg.checkpoint import load_checkpoint
+from kidneyreg.errors import InputError
+from kidneyreg.features.config import feature_config
+from kidneyreg.features.data import CaseData, PatchSampler, normalize_us
+from kidneyreg.features.infer import load_feature_model
+from kidneyreg.features.train import (
+    TrainSettings,
+    default_train_settings,
+    export_model,
+    soft_dice_loss,
+    train_feature_net,
+    train_from_folder,
+    training_paths,
+)
+from kidneyreg.features.ulbnet import CHECKPOINT_KIND
+
+
+def test_soft_dice_loss_values() -> None:
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    assert float(soft_dice_loss(target, target, smooth=0.0)) == pytest.approx(0.0)
+    half = torch.tensor([[[1.0, 0.0, 1.0, 0.0]]])
+    assert float(soft_dice_loss(half, target, smooth=0.0)) == pytest.approx(0.5)
+    # No kidney anywhere and an empty prediction: a perfect score thanks to the smoothing.
+    empty = torch.zeros(1, 1, 4)
+    assert float(soft_dice_loss(empty, empty)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="differ"):
+        soft_dice_loss(empty, torch.zeros(1, 4))
+
+
+def _blob_cases() -> tuple[list[CaseData], list[CaseData]]:
+    train = [CaseData.from_arrays(f"t{i}", *blob_volume(i)) for i in range(2)]
+    return train, [CaseData.from_arrays("v", *blob_volume(9))]
+
+
+def _fixed_loss(net: torch.nn.Module, cases: list[CaseData]) -> float:
+    sampler = PatchSampler(cases, feature_config("ct", "tiny"), kidney_fraction=1.0)
+    g = torch.Generator().manual_seed(123)
+    batch = [sampler.sample(g) for _ in range(4)]
+    images = torch.stack([b[0] for b in batch])
+    masks = torch.stack([b[1] for b in batch])
+    net.eval()
+    with torch.no_grad():
+        return float(soft_dice_loss(net(images), masks))
+
+
+def test_a_tiny_training_run_lowers_the_loss(tmp_path: Path) -> None:
+    config = feature_config("ct", "tiny")
+    train, val = _blob_cases()
+    settings = TrainSettings(
+        epochs=1, steps_per_epoch=1, batch_size=2, learning_rate=3e-3, val_patches=2
+    )
+    first = train_feature_net(config, train, val, settings, tmp_path / "a.pt", progress=False)
+    before = _fixed_loss(first.net, train)
+    longer = TrainSettings(
+        epochs=4, steps_per_epoch=5, batch_size=2, learning_rate=3e-3, val_patches=2
+    )
+    result = train_feature_net(
+        config, train, val, longer, tmp_path / "a.pt", resume=True, progress=False
+    )
+    after = _fixed_loss(result.net, train)
+    assert after < before - 0.05, (before, after)
+    assert len(result.history) == 4
+    rows = list(csv.DictReader(result.log.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert float(rows[-1]["val_dice"]) >= 0.0
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = feature_config("us", "tiny", window=3)
+    frames, masks = us_frames(n=5, rows=56, cols=72)
+    cases = [CaseData.from_arrays("us", normalize_us(frames), masks)]
+    two = TrainSettings(epochs=2, steps_per_epoch=2, batch_size=1, val_patches=1, seed=4)
+    one = TrainSettings(epochs=1, steps_per_epoch=2, batch_size=1, val_patches=1, seed=4)
+    straight = train_feature_net(config, cases, cases, two, tmp_path / "s.pt", progress=False)
+    train_feature_net(config, cases, cases, one, tmp_path / "r.pt", progress=False)
+    resumed = train_feature_net(
+        config, cases, cases, two, tmp_path / "r.pt", resume=True, progress=False
+    )
+    a, b = _state(straight.net), _state(resumed.net)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    pa = load_checkpoint(straight.checkpoint, kind=CHECKPOINT_KIND)
+    pb = load_checkpoint(resumed.checkpoint, kind=CHECKPOINT_KIND)
+    assert pa["epoch"] == pb["epoch"] == 2
+    assert torch.equal(pa["rng"]["sampler"], pb["rng"]["sampler"])
+    assert torch.equal(pa["rng"]["torch"], pb["rng"]["torch"])
+    for ra, rb in zip(pa["history"], pb["history"], strict=True):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in rb.items() if k != "seconds"}, nan_ok=True
+        )
+    # The weights changed at all (the comparison above is not vacuous).
+    fresh = train_feature_net(
+        config,
+        cases,
+        cases,
+        TrainSettings(epochs=1, steps_per_epoch=1, val_patches=0),
+        tmp_path / "f.pt",
+        progress=False,
+    )
+    assert any(not torch.equal(a[k], _state(fresh.net)[k]) for k in a if "combine" in k)
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
+    train, _ = _blob_cases()
+    settings = TrainSettings(epochs=1, steps_per_epoch=1, batch_size=1, val_patches=0)
+    config = feature_config("ct", "tiny")
+    train_feature_net(config, train, [], settings, tmp_path / "m.pt", progress=False)
+    other = feature_config("ct", "tiny", seed=5)
+    with pytest.raises(InputError, match="another configuration"):
+        train_feature_net(other, train, [], settings, tmp_path / "m.pt", resume=True)
+    best = training_paths(tmp_path / "m.pt")[1]
+    with pytest.raises(InputError, match="cannot be resumed"):
+        train_feature_net(config, train, [], settings, best, resume=True)
+    # A fine-tuning stage: the resumed run takes the new learning rate.
+    finer = TrainSettings(
+        epochs=2, steps_per_epoch=1, batch_size=1, val_patches=0, learning_rate=5e-5
+    )
+    result = train_feature_net(
+        config, train, [], finer, tmp_path / "m.pt", resume=True, progress=False
+    )
+    payload = load_checkpoint(result.checkpoint, kind=CHECKPOINT_KIND)
+    assert payload["optimizer"]["param_groups"][0]["lr"] == 5e-5
+    assert [row["learning_rate"] for row in payload["history"]] == [1e-4, 5e-5]
+
+
+def test_train_from_folder_writes_every_file_and_exports(tmp_path: Path) -> None:
+    for i in range(3):
+        write_ct_case(tmp_path / "cohort" / f"case_{i:03d}", seed=i)
+    settings = default_train_settings("tiny", epochs=1, steps_per_epoch=1, batch_size=1)
+    lines: list[str] = []
+    result = train_from_folder(
+        "ct",
+        tmp_path / "cohort",
+        tmp_path / "run" / "ct.pt",
+        profile="tiny",
+        settings=settings,
+        progress=False,
+        log=lines.append,
+    )
+    assert lines[0].startswith("3 CT case(s): 2 training, 1 validation")
+    assert result.checkpoint.is_file() and result.best.is_file() and result.log.is_file()
+    payload = load_checkpoint(result.checkpoint, kind=CHECKPOINT_KIND)
+    assert len(payload["split"]["train"]) == 2 and len(payload["split"]["val"]) == 1
+    exported = export_model(result.best, tmp_path / "small.pt")
+    assert exported.stat().st_size < result.best.stat().st_size * 0.6
+    model = load_feature_model(exported, modality="ct")
+    assert model.config == feature_config("ct", "tiny")
+    assert next(model.net.parameters()).dtype == torch.float32
