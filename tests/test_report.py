@@ -97,8 +97,8 @@ def test_report_references_every_existing_figure(tmp_path: Path) -> None:
         generated=stamp,
     )
     assert md_path == out / "report.md" and html_path == out / "report.html"
-    md = md_path.read_text()
-    page = html_path.read_text()
+    md = md_path.read_text(encoding="utf-8")
+    page = html_path.read_text(encoding="utf-8")
     for text in (md, page):
         assert "kidneyreg demo --out demo" in text
         assert "2026-01-02 03:04:05 UTC" in text
@@ -131,9 +131,9 @@ def test_report_references_every_existing_figure(tmp_path: Path) -> None:
 def test_report_name_and_overwrite(tmp_path: Path) -> None:
     md, page = write_report(tmp_path, title="t", command="c", name="benchmark")
     assert md.name == "benchmark.md" and page.name == "benchmark.html"
-    _parse(page.read_text())
+    _parse(page.read_text(encoding="utf-8"))
     write_report(tmp_path, title="second", command="c2", name="benchmark")
-    assert "second" in md.read_text()
+    assert "second" in md.read_text(encoding="utf-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.html", "benchmark.md"]
     with pytest.raises(ValueError, match="name"):
         write_report(tmp_path, title="t", command="c", name="../escape")

@@ -35,7 +35,7 @@ def _check_ground_truth(folder: Path) -> int:
     ct_mask = sitk.ReadImage(str(folder / "ct_kidney_mask.nii.gz"))
     us = sitk.ReadImage(str(folder / "us.nii.gz"))
     us_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "us_kidney_mask.nii.gz")))
-    truth = json.loads((folder / "ground_truth.json").read_text())
+    truth = json.loads((folder / "ground_truth.json").read_text(encoding="utf-8"))
     assert truth["convention"] == "us_image_mm_to_ct_world_lps"
     sx, sy = us.GetSpacing()[:2]
     rows, cols = us_mask.shape[1:]
@@ -86,11 +86,11 @@ def test_case_folder_follows_the_design(tiny_case: Path) -> None:
     assert us.GetSize()[2] == FRAMES
     us_mask = sitk.ReadImage(str(tiny_case / "us_kidney_mask.nii.gz"))
     assert us_mask.GetSize() == us.GetSize() and us_mask.GetPixelID() == sitk.sitkUInt8
-    info = json.loads((tiny_case / "case.json").read_text())
+    info = json.loads((tiny_case / "case.json").read_text(encoding="utf-8"))
     assert info["seed"] == 5 and info["group"] == "A" and info["kidney"] == "right"
     assert info["profile"] == "tiny" and info["phase"] == "corticomedullary"
     assert info["simulator_version"] and info["offset"]["rotation_norm_deg"] > 0
-    breathing = json.loads((tiny_case / "breathing.json").read_text())
+    breathing = json.loads((tiny_case / "breathing.json").read_text(encoding="utf-8"))
     assert len(breathing["signal"]) == FRAMES and breathing["cycle_starts"][0] == 0
     assert 17.0 <= breathing["frame_rate"] <= 22.0
     assert np.asarray(breathing["displacements"]).shape == (FRAMES, 4, 4)
@@ -114,7 +114,7 @@ def test_same_seed_same_case_other_seed_other_case(tiny_case: Path) -> None:
     again = simulate_case_data(5, frames=FRAMES, group="A", profile="tiny")
     frames = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us.nii.gz")))
     assert np.array_equal(again.frames, frames)
-    truth = json.loads((tiny_case / "ground_truth.json").read_text())
+    truth = json.loads((tiny_case / "ground_truth.json").read_text(encoding="utf-8"))
     assert np.array_equal(again.matrices, np.array([f["matrix"] for f in truth["frames"]]))
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "ct.nii.gz")))
     assert np.array_equal(sitk.GetArrayFromImage(again.ct), ct)
@@ -136,7 +136,7 @@ def test_existing_case_is_replaced_only_when_complete(
     case = simulate_case_data(7, frames=2, profile="tiny", group="A")
     target = tmp_path / "case"
     write_case(case, target, preview=False)
-    before = (target / "case.json").read_text()
+    before = (target / "case.json").read_text(encoding="utf-8")
 
     def broken(*_args: object, **_kwargs: object) -> None:
         raise OSError("disk full")
@@ -144,11 +144,11 @@ def test_existing_case_is_replaced_only_when_complete(
     monkeypatch.setattr(case_module, "_preview", broken)
     with pytest.raises(OSError, match="disk full"):
         write_case(simulate_case_data(8, frames=2, profile="tiny"), target)
-    assert (target / "case.json").read_text() == before  # untouched
+    assert (target / "case.json").read_text(encoding="utf-8") == before  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]  # no temporary leftovers
     monkeypatch.undo()
     write_case(simulate_case_data(8, frames=2, profile="tiny"), target, preview=False)
-    assert json.loads((target / "case.json").read_text())["seed"] == 8
+    assert json.loads((target / "case.json").read_text(encoding="utf-8"))["seed"] == 8
 
 
 def test_cohort_seeds_and_bad_options(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_real_ct_case_has_exact_ground_truth(real_ct_dir: Path, tmp_path: Path) 
         tmp_path / "real", 2, frames=4, profile="tiny", from_ct=real_ct_dir, kidney="right"
     )
     assert _check_ground_truth(folder) >= 1
-    info = json.loads((folder / "case.json").read_text())
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     assert info["anatomy_source"].endswith("ct.nii.gz") and info["kidney"] == "right"
 
 

@@ -714,7 +714,7 @@ def simulate_cohort(
             kidney=kidney,
             preview=preview,
         )
-        meta = json.loads((folder / "case.json").read_text())
+        meta = json.loads((folder / "case.json").read_text(encoding="utf-8"))
         entries.append(
             {
                 "folder": folder.name,
