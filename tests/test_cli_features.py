@@ -144,7 +144,7 @@ def test_segment_errors_are_one_line(
         *["segment", "--modality", "us", "--input", str(tmp_path / "f.png")],
         *["--out", str(tmp_path / "o.png"), "--model", model],
     )
-    assert code == 2 and "spacing" in err
+    assert code == 2 and "--spacing" in err and "--us-spacing" not in err
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80\x02garbage")
     code, err = _run_main(

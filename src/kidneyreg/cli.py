@@ -7,9 +7,12 @@ Heavy modules are imported inside the commands so that ``kidneyreg --help`` stay
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -362,6 +365,286 @@ def pretrain(
     )
     if int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(f"wrote {result.checkpoint} and {log_path(result.checkpoint)}")
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show the warnings raised inside at once, as ``warning: <message>`` lines on stderr."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            typer.echo(f"warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+_KIDNEY_HELP = "Kidney to register: auto (nearest the --init pose, else right), right or left."
+_INIT_HELP = "Coarse initial pose(s) (transforms.json schema: one frame for all, or one per frame)."
+
+
+def _registrar_inputs(
+    *,
+    ct: Path,
+    us: Path,
+    ct_mask: Path | None,
+    us_mask: Path | None,
+    us_spacing: float | None,
+    init: Path | None,
+    model: Path | None,
+    ct_features: Path | None,
+    us_features: Path | None,
+    device: str,
+    profile: str | None,
+    kidney: str,
+) -> tuple[Any, Any, Any, Any]:
+    """Read every input and build the registrar: ``(registrar, ct image, sequence, us masks)``.
+
+    Everything is read and checked before anything is written, so bad input leaves no output.
+    """
+    from kidneyreg.io.image import read_ct, read_mask
+    from kidneyreg.io.transforms import read_transforms_json
+    from kidneyreg.io.us import read_us_mask, read_us_sequence
+    from kidneyreg.pipeline import KIDNEY_CHOICES, Registrar, load_registration_model
+
+    if profile is not None and profile not in ("paper", "cpu", "tiny"):
+        raise InputError("--profile", f"must be paper, cpu or tiny, got {profile!r}")
+    if kidney not in KIDNEY_CHOICES:
+        raise InputError("--kidney", f"must be one of {', '.join(KIDNEY_CHOICES)}, got {kidney!r}")
+    if us_spacing is not None and not us_spacing > 0:
+        raise InputError("--us-spacing", f"must be a positive pixel size in mm, got {us_spacing}")
+    reg_model = load_registration_model(model, profile=profile)
+    ct_image = read_ct(ct)
+    ct_kidney = None if ct_mask is None else read_mask(ct_mask, ct_image, kind="kidney mask")
+    sequence = read_us_sequence(us, spacing=us_spacing, min_frames=int(reg_model.profile.window))
+    masks = None if us_mask is None else read_us_mask(us_mask, sequence)
+    init_poses = None
+    if init is not None:
+        init_poses = read_transforms_json(init).broadcast_to(sequence.n_frames)
+    registrar = Registrar(
+        ct_image,
+        reg_model,
+        ct_mask=ct_kidney,
+        ct_features=ct_features,
+        us_features=us_features,
+        device=device,
+        init=init_poses,
+        kidney=kidney,
+        ct_source=str(ct),
+        ct_mask_source=str(ct_mask),
+        log=typer.echo,
+    )
+    return registrar, ct_image, sequence, masks
+
+
+def _adapt_progress(bar: Any) -> Callable[[int, int, float], None]:
+    def update(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return update
+
+
+@app.command()
+def register(
+    ct: Annotated[Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")],
+    us: Annotated[
+        Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (transforms.json and more).")],
+    ct_mask: Annotated[
+        Path | None,
+        typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network)."),
+    ] = None,
+    us_mask: Annotated[
+        Path | None,
+        typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
+    ] = None,
+    us_spacing: Annotated[
+        float | None,
+        typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
+    ] = None,
+    init: Annotated[Path | None, typer.Option("--init", help=_INIT_HELP)] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Registration checkpoint (default: the bundled model)."),
+    ] = None,
+    ct_features: Annotated[
+        Path | None,
+        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
+    ] = None,
+    us_features: Annotated[
+        Path | None,
+        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
+    ] = None,
+    no_adapt: Annotated[
+        bool, typer.Option("--no-adapt", help="Skip the transfer learning on the first cycle.")
+    ] = False,
+    adapt_strategy: Annotated[
+        str,
+        typer.Option("--adapt-strategy", help="one-cycle (2 epochs), one-shot or five-shot (5)."),
+    ] = "one-cycle",
+    adapt_epochs: Annotated[
+        int | None,
+        typer.Option("--adapt-epochs", help="Adaptation epochs (default: the strategy's)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
+    ] = None,
+    kidney: Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)] = "auto",
+    video: Annotated[
+        bool, typer.Option("--video/--no-video", help="Write overlays/overlay.mp4.")
+    ] = True,
+) -> None:
+    """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
+    from tqdm import tqdm
+
+    from kidneyreg.adapt import STRATEGIES
+    from kidneyreg.results import write_registration_outputs
+
+    if adapt_strategy not in STRATEGIES:
+        raise InputError("--adapt-strategy", f"must be one of {', '.join(STRATEGIES)}")
+    if adapt_epochs is not None and adapt_epochs < 1:
+        raise InputError("--adapt-epochs", f"must be at least 1, got {adapt_epochs}")
+    with _one_line_warnings():
+        registrar, ct_image, sequence, masks = _registrar_inputs(
+            ct=ct,
+            us=us,
+            ct_mask=ct_mask,
+            us_mask=us_mask,
+            us_spacing=us_spacing,
+            init=init,
+            model=model,
+            ct_features=ct_features,
+            us_features=us_features,
+            device=device,
+            profile=profile,
+            kidney=kidney,
+        )
+        prepared = registrar.prepare(sequence, masks)
+        if not no_adapt:
+            with tqdm(desc="adapt", unit="step") as adapt_bar:
+                registrar.adapt(
+                    prepared,
+                    strategy=adapt_strategy,
+                    epochs=adapt_epochs,
+                    progress=_adapt_progress(adapt_bar),
+                )
+        with tqdm(total=sequence.n_frames, desc="register", unit="frame") as bar:
+            result = registrar.register(
+                prepared, progress=lambda done, _n: bar.update(done - bar.n)
+            )
+        paths = write_registration_outputs(
+            out,
+            result,
+            ct_image,
+            sequence,
+            ct_kidney_mask=registrar.ct_kidney_mask,
+            us_masks=prepared.kidney_masks(),
+            video=video,
+        )
+    timing = result.timing
+    typer.echo(
+        f"registered {result.n_frames} frames ({result.adaptation} adaptation "
+        f"{timing['adaptation_s']:.1f} s, {timing['ms_per_frame']:.0f} ms per frame)"
+    )
+    typer.echo(f"wrote {paths['transforms']} and {len(paths) - 1} more output(s) in {out}")
+
+
+@app.command()
+def adapt(
+    ct: Annotated[Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")],
+    us: Annotated[
+        Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
+    ],
+    model: Annotated[Path, typer.Option("--model", help="Pretrained registration checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", help="Adapted checkpoint to write (.pt).")],
+    ct_mask: Annotated[
+        Path | None,
+        typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network)."),
+    ] = None,
+    us_mask: Annotated[
+        Path | None,
+        typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
+    ] = None,
+    us_spacing: Annotated[
+        float | None,
+        typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
+    ] = None,
+    init: Annotated[Path | None, typer.Option("--init", help=_INIT_HELP)] = None,
+    ct_features: Annotated[
+        Path | None,
+        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
+    ] = None,
+    us_features: Annotated[
+        Path | None,
+        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
+    ] = None,
+    strategy: Annotated[
+        str,
+        typer.Option("--strategy", help="one-cycle (2 epochs), one-shot or five-shot (5)."),
+    ] = "one-cycle",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Epochs (default: the strategy's).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
+    ] = None,
+    kidney: Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)] = "auto",
+) -> None:
+    """Fine-tune a pretrained model on the first breathing cycle of a sequence and save it."""
+    from tqdm import tqdm
+
+    from kidneyreg.adapt import STRATEGIES, save_adapted_model
+
+    if strategy not in STRATEGIES:
+        raise InputError("--strategy", f"must be one of {', '.join(STRATEGIES)}")
+    if epochs is not None and epochs < 1:
+        raise InputError("--epochs", f"must be at least 1, got {epochs}")
+    with _one_line_warnings():
+        registrar, _, sequence, masks = _registrar_inputs(
+            ct=ct,
+            us=us,
+            ct_mask=ct_mask,
+            us_mask=us_mask,
+            us_spacing=us_spacing,
+            init=init,
+            model=model,
+            ct_features=ct_features,
+            us_features=us_features,
+            device=device,
+            profile=profile,
+            kidney=kidney,
+        )
+        prepared = registrar.prepare(sequence, masks)
+        with tqdm(desc="adapt", unit="step") as bar:
+            record = registrar.adapt(
+                prepared, strategy=strategy, epochs=epochs, progress=_adapt_progress(bar)
+            )
+        save_adapted_model(
+            out,
+            registrar.net,
+            profile=registrar.profile.name,
+            record=record,
+            base_model=registrar.model.source,
+            training=registrar.model.training,
+        )
+    losses = record.epoch_losses
+    typer.echo(
+        f"adapted on {len(record.frames)} window(s), {record.steps} steps in "
+        f"{record.seconds:.1f} s (loss {losses[0]:.4f} -> {losses[-1]:.4f} per epoch)"
+    )
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -7,9 +7,13 @@ import torch
 
 from kidneyreg.features.augment import (
     IntensityParams,
+    RandomBlur,
+    RandomCurve,
     RandomIntensity,
     RandomSpatial,
     SpatialParams,
+    apply_blur,
+    apply_curve,
     apply_intensity,
     apply_spatial,
     default_augmentation,
@@ -69,6 +73,22 @@ def test_in_plane_transforms_never_mix_frames() -> None:
         assert torch.allclose(out, image, atol=1e-5)
 
 
+def test_blur_spreads_an_impulse_only_where_asked() -> None:
+    impulse = torch.zeros(1, 5, 15, 15)
+    impulse[0, 2, 7, 7] = 1.0
+    flat = apply_blur(impulse, 1.0, in_plane=True)
+    assert float(flat[0, 2].sum()) == pytest.approx(1.0, abs=1e-5)  # stays in its frame
+    assert float(flat[0, [0, 1, 3, 4]].abs().sum()) == 0.0
+    assert float(flat[0, 2, 7, 8]) > 0 and float(flat[0, 2, 7, 7]) < 0.5
+    full = apply_blur(impulse, 1.0)
+    assert float(full[0, 1, 7, 7]) > 0  # 3D blur crosses slices
+    assert torch.equal(apply_blur(impulse, 0.0), impulse)
+    sigmas = [
+        RandomBlur(probability=0.5).sample(torch.Generator().manual_seed(s)) for s in range(30)
+    ]
+    assert any(s == 0.0 for s in sigmas) and any(0.5 <= s <= 1.5 for s in sigmas)
+
+
 def test_default_augmentation_keeps_shapes_and_binary_masks() -> None:
     for modality, shape in (("ct", (1, 8, 16, 16)), ("us", (1, 5, 16, 24))):
         aug = default_augmentation(modality)
@@ -83,3 +103,18 @@ def test_default_augmentation_keeps_shapes_and_binary_masks() -> None:
         assert set(a[1].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="modality"):
         default_augmentation("mri")
+    assert default_augmentation("ct").curve is not None
+    assert default_augmentation("us").curve is None
+
+
+def test_intensity_curve_changes_relative_contrast() -> None:
+    image = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    identity = (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert torch.allclose(apply_curve(image, identity), image)
+    swapped = apply_curve(image, (0.0, 0.25, 0.8, 0.3, 1.0))
+    assert float(swapped[2]) > float(swapped[3])  # 0.5 now brighter than 0.75
+    for seed in range(10):
+        knots = RandomCurve(probability=1.0).sample(torch.Generator().manual_seed(seed))
+        assert knots is not None and all(0.0 <= k <= 1.0 for k in knots)
+        assert max(abs(k - i / 5) for i, k in enumerate(knots)) <= 0.25 + 1e-9
+    assert RandomCurve(probability=0.0).sample(torch.Generator()) is None

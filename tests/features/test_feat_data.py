@@ -42,8 +42,13 @@ def test_find_cases_in_both_layouts(tmp_path: Path) -> None:
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(kits / "segmentation.nii.gz")))
     assert (labels == 2).any()
     assert np.array_equal(sitk.GetArrayFromImage(target), labels > 0)
-    # A case folder itself is accepted.
+    # A case folder itself is accepted, and so is a folder of cohorts (links followed).
     assert [c.name for c in find_cases(kits, "ct")] == ["case_00000"]
+    (tmp_path / "all").mkdir()
+    (tmp_path / "all" / "sim").symlink_to(tmp_path / "cohort")
+    (tmp_path / "all" / "kits").symlink_to(tmp_path / "kits")
+    names = [c.name for c in find_cases(tmp_path / "all", "ct")]
+    assert names == ["kits/case_00000", "sim/case_000", "sim/case_001"]
 
 
 def test_find_cases_errors(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Training augmentation of feature-net patches: random parameters, deterministic application.
 
 Each augmentation is a *random* class that only samples parameters from a ``torch.Generator``
-(:class:`RandomIntensity`, :class:`RandomSpatial`) and a *deterministic* function that applies
-given parameters (:func:`apply_intensity`, :func:`apply_spatial`). Training stays reproducible
+(:class:`RandomIntensity`, :class:`RandomCurve`, :class:`RandomBlur`, :class:`RandomSpatial`)
+and a *deterministic* function that applies given parameters (:func:`apply_intensity`,
+:func:`apply_curve`, :func:`apply_blur`, :func:`apply_spatial`). Training stays reproducible
 and resumable (the generator's state is checkpointed), and every transform can be tested alone.
 
 Patches are torch tensors ``(C, D, H, W)`` with intensities normalised to about [0, 1] (CT through
@@ -22,9 +23,13 @@ import torch.nn.functional as F
 __all__ = [
     "Augmentation",
     "IntensityParams",
+    "RandomBlur",
+    "RandomCurve",
     "RandomIntensity",
     "RandomSpatial",
     "SpatialParams",
+    "apply_blur",
+    "apply_curve",
     "apply_intensity",
     "apply_spatial",
     "default_augmentation",
@@ -123,6 +128,139 @@ class RandomIntensity:
         std = _uniform(generator, *self.noise_std_range)
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator).item())
         return IntensityParams(math.exp(log_gamma), scale, shift, std if noisy else 0.0, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity curve
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_curve(image: torch.Tensor, knots: tuple[float, ...]) -> torch.Tensor:
+    """Remap intensities (clipped to [0, 1]) through a piecewise-linear curve.
+
+    ``knots[i]`` is the output at input ``i / (len(knots) - 1)``. A random, not necessarily
+    monotonic curve changes the *relative* contrast of tissues (kidney against muscle, liver,
+    bowel), which a global gamma or scaling cannot: a network trained on simulated scans must then
+    rely on shape and context rather than on the simulator's exact tissue intensities.
+
+    Example:
+        >>> apply_curve(torch.tensor([0.0, 0.25, 1.0]), (0.0, 1.0, 0.0))
+        tensor([0.0000, 0.5000, 0.0000])
+    """
+    if len(knots) < 2:
+        raise ValueError(f"a curve needs at least two knots, got {len(knots)}")
+    values = torch.tensor(knots, dtype=torch.float32, device=image.device)
+    scaled = image.float().clamp(0.0, 1.0) * (len(knots) - 1)
+    index = scaled.floor().clamp(max=len(knots) - 2).long()
+    fraction = scaled - index
+    return values[index] * (1.0 - fraction) + values[index + 1] * fraction
+
+
+@dataclass(frozen=True)
+class RandomCurve:
+    """Sampler of :func:`apply_curve` knots: the identity plus a uniform jitter, or None.
+
+    Args:
+        n_knots: Knots of the curve, the end points included.
+        jitter: Largest change of a knot (normalised intensity; 0.25 is 150 HU for CT).
+        probability: Chance of remapping at all.
+
+    Example:
+        >>> knots = RandomCurve(probability=1.0).sample(torch.Generator().manual_seed(0))
+        >>> len(knots)
+        6
+    """
+
+    n_knots: int = 6
+    jitter: float = 0.25
+    probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.n_knots < 2 or self.jitter < 0:
+            raise ValueError("n_knots must be >= 2 and jitter >= 0")
+
+    def sample(self, generator: torch.Generator) -> tuple[float, ...] | None:
+        """Draw knots, or None for "leave the intensities" (consumes a fixed number of draws)."""
+        apply = _uniform(generator, 0.0, 1.0) < self.probability
+        knots = tuple(
+            min(
+                1.0, max(0.0, i / (self.n_knots - 1) + _uniform(generator, -1.0, 1.0) * self.jitter)
+            )
+            for i in range(self.n_knots)
+        )
+        return knots if apply else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Blur
+# ----------------------------------------------------------------------------------------------
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def apply_blur(image: torch.Tensor, sigma: float, *, in_plane: bool = False) -> torch.Tensor:
+    """Gaussian blur of ``sigma`` voxels along W, H and (unless ``in_plane``) D.
+
+    It mimics scans coarser or smoother than the training data (a 3 mm CT resampled to 1.6 mm,
+    a U/S machine with more smoothing). Borders are replicated, so the mean level is kept.
+
+    Args:
+        image: ``(C, D, H, W)``.
+        sigma: Standard deviation in voxels; 0 returns the image unchanged.
+        in_plane: Leave the D axis (U/S frames) unblurred.
+
+    Example:
+        >>> flat = torch.full((1, 3, 5, 5), 0.3)
+        >>> torch.allclose(apply_blur(flat, 1.0), flat)
+        True
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, D, H, W), got {tuple(image.shape)}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return image.float()
+    kernel = _gaussian_kernel(sigma).to(image.device)
+    radius = kernel.numel() // 2
+    out = image.float().unsqueeze(1)  # (C, 1, D, H, W): channels blurred independently
+    axes = (3, 4) if in_plane else (2, 3, 4)
+    for axis in axes:
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = kernel.numel()
+        padding = [0, 0, 0, 0, 0, 0]
+        padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = radius
+        padded = F.pad(out, padding, mode="replicate")
+        out = F.conv3d(padded, kernel.reshape(shape))
+    return out.squeeze(1)
+
+
+@dataclass(frozen=True)
+class RandomBlur:
+    """Sampler of a blur ``sigma`` (voxels) for :func:`apply_blur`, 0 meaning "no blur".
+
+    Example:
+        >>> 0.0 <= RandomBlur().sample(torch.Generator().manual_seed(0)) <= 1.5
+        True
+    """
+
+    sigma_range: tuple[float, float] = (0.5, 1.5)
+    probability: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_range, "sigma_range")
+        if self.sigma_range[0] < 0:
+            raise ValueError("sigma_range must be non-negative")
+
+    def sample(self, generator: torch.Generator) -> float:
+        """Draw a sigma (consumes a fixed number of draws)."""
+        apply = _uniform(generator, 0.0, 1.0) < self.probability
+        sigma = _uniform(generator, *self.sigma_range)
+        return sigma if apply else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +399,9 @@ class RandomSpatial:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Spatial then intensity augmentation of one patch.
+    """Spatial, blur, intensity-curve, then intensity augmentation of one patch.
+
+    ``in_plane`` (U/S windows) keeps spatial transforms and blur inside each frame.
 
     Example:
         >>> aug = default_augmentation("us")
@@ -272,6 +412,9 @@ class Augmentation:
 
     spatial: RandomSpatial | None = None
     intensity: RandomIntensity | None = None
+    blur: RandomBlur | None = None
+    curve: RandomCurve | None = None
+    in_plane: bool = False
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
@@ -281,13 +424,19 @@ class Augmentation:
             params = self.spatial.sample(generator)
             if params is not None:
                 image, mask = apply_spatial(image, mask, params)
+        if self.blur is not None:
+            image = apply_blur(image, self.blur.sample(generator), in_plane=self.in_plane)
+        if self.curve is not None:
+            knots = self.curve.sample(generator)
+            if knots is not None:
+                image = apply_curve(image, knots)
         if self.intensity is not None:
             image = apply_intensity(image, self.intensity.sample(generator))
         return image, mask
 
 
 def default_augmentation(modality: str) -> Augmentation:
-    """The training augmentation of a modality (U/S: spatial transforms in the frame plane).
+    """The training augmentation of a modality (U/S: in the frame plane, no intensity curve).
 
     Example:
         >>> default_augmentation("ct").spatial.in_plane
@@ -295,4 +444,13 @@ def default_augmentation(modality: str) -> Augmentation:
     """
     if modality not in ("ct", "us"):
         raise ValueError(f"modality must be 'ct' or 'us', got {modality!r}")
-    return Augmentation(RandomSpatial(in_plane=modality == "us"), RandomIntensity())
+    in_plane = modality == "us"
+    return Augmentation(
+        RandomSpatial(in_plane=in_plane),
+        RandomIntensity(),
+        RandomBlur(),
+        # CT only: tissue HU are what differs most between simulated and real scans; B-mode
+        # brightness is already relative (gain, depth compensation) and covered by the gamma.
+        None if in_plane else RandomCurve(),
+        in_plane=in_plane,
+    )

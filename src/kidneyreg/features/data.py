@@ -72,6 +72,8 @@ _SIM_US = ("us.nii.gz", "us_kidney_mask.nii.gz")
 _SIM_LABELS = "labels.nii.gz"
 
 _Scalar = TypeVar("_Scalar", bound=np.generic)
+# How deep find_cases looks for case folders (cohorts of cohorts of cases at most).
+_SEARCH_DEPTH = 3
 
 
 @dataclass(frozen=True)
@@ -97,45 +99,60 @@ class CaseFiles:
     tissue_labels: Path | None = None
 
 
-def _patient_key(folder: Path) -> str:
+def _patient_key(folder: Path, name: str) -> str:
     info_file = folder / "case.json"
     if info_file.is_file():
         try:
-            info = json.loads(info_file.read_text())
+            info = json.loads(info_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return folder.name
+            return name
         if isinstance(info, dict) and "anatomy_seed" in info:
             return f"{info.get('anatomy_source', 'simulated')}:{info['anatomy_seed']}"
-    return folder.name
+    return name
 
 
-def _case_files(folder: Path, modality: str) -> CaseFiles | None:
+def _case_files(folder: Path, name: str, modality: str) -> CaseFiles | None:
     if modality == "us":
-        image, mask = (folder / name for name in _SIM_US)
+        image, mask = (folder / file for file in _SIM_US)
         if image.is_file() and mask.is_file():
-            return CaseFiles(folder.name, _patient_key(folder), image, mask)
+            return CaseFiles(name, _patient_key(folder, name), image, mask)
         return None
-    image, mask = (folder / name for name in _SIM_CT)
+    image, mask = (folder / file for file in _SIM_CT)
     if image.is_file() and mask.is_file():
         labels = folder / _SIM_LABELS
         return CaseFiles(
-            folder.name,
-            _patient_key(folder),
+            name,
+            _patient_key(folder, name),
             image,
             mask,
             tissue_labels=labels if labels.is_file() else None,
         )
-    image, mask = (folder / name for name in _KITS_CT)
+    image, mask = (folder / file for file in _KITS_CT)
     if image.is_file() and mask.is_file():
-        return CaseFiles(folder.name, folder.name, image, mask, labels=(1, 2))
+        return CaseFiles(name, name, image, mask, labels=(1, 2))
     return None
+
+
+def _case_folders(root: Path, depth: int) -> list[Path]:
+    """Sub-folders of ``root`` down to ``depth`` levels (symbolic links followed), sorted."""
+    found: list[Path] = []
+    if depth <= 0:
+        return found
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.append(child)
+        found.extend(_case_folders(child, depth - 1))
+    return found
 
 
 def find_cases(data_dir: str | Path, modality: str) -> list[CaseFiles]:
     """The training cases of ``modality`` in ``data_dir``, sorted by name.
 
+    Case folders are searched up to three levels deep (symbolic links followed), so one data
+    folder can gather several cohorts (e.g. one per CT phase); a case's name is its path
+    relative to ``data_dir`` (``plain/case_003``).
+
     Args:
-        data_dir: A folder of case folders (or one case folder).
+        data_dir: A folder of case folders, a folder of cohorts, or one case folder.
         modality: ``"ct"`` or ``"us"``.
 
     Raises:
@@ -150,13 +167,13 @@ def find_cases(data_dir: str | Path, modality: str) -> list[CaseFiles]:
     root = Path(data_dir)
     if not root.is_dir():
         raise InputError(root, "data folder does not exist")
-    own = _case_files(root, modality)
+    own = _case_files(root, root.name, modality)
     if own is not None:
         return [own]
     cases = [
         found
-        for folder in sorted(p for p in root.iterdir() if p.is_dir())
-        if (found := _case_files(folder, modality)) is not None
+        for folder in _case_folders(root, _SEARCH_DEPTH)
+        if (found := _case_files(folder, folder.relative_to(root).as_posix(), modality)) is not None
     ]
     if not cases:
         expected = (

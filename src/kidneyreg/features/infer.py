@@ -412,7 +412,11 @@ def segment_file(
             mask.CopyInformation(ct)
             write_mask(mask, destination)
         return SegmentResult(destination, kidney, int(values.size), feature_model.source)
-    sequence = read_us_sequence(source, spacing=spacing, min_frames=1)
+    try:
+        sequence = read_us_sequence(source, spacing=spacing, min_frames=1)
+    except InputError as error:
+        # The reader names register's option; this command's option is --spacing.
+        raise InputError(error.source, error.problem.replace("--us-spacing", "--spacing")) from None
     feature_model = load_feature_model(model, modality="us", profile=profile, device=device)
     probs = predict_us(feature_model, sequence)
     kidney = int(np.count_nonzero(probs >= threshold))

@@ -338,6 +338,8 @@ def train_feature_net(
             group["lr"] = settings.learning_rate
         generator.set_state(payload["rng"]["sampler"])
         torch.set_rng_state(payload["rng"]["torch"])
+        if dev.type == "cuda" and "cuda" in payload["rng"]:
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], dev)
         history = [dict(row) for row in payload["history"]]
         best_dice = float(payload["best_val_dice"])
         start_epoch = int(payload["epoch"])
@@ -383,13 +385,16 @@ def train_feature_net(
         if improved:
             best_dice = row["val_dice"] if val_patches else best_dice
             save_checkpoint(best_path, model_payload(net), kind=CHECKPOINT_KIND)
+        rng = {"sampler": generator.get_state(), "torch": torch.get_rng_state()}
+        if dev.type == "cuda":  # dropout on the GPU draws from the device's generator
+            rng["cuda"] = torch.cuda.get_rng_state(dev)
         save_checkpoint(
             checkpoint_path,
             {
                 **model_payload(net),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
-                "rng": {"sampler": generator.get_state(), "torch": torch.get_rng_state()},
+                "rng": rng,
                 "settings": settings.to_dict(),
                 "split": split or {},
                 "history": history,
@@ -452,6 +457,8 @@ def train_from_folder(
     cases = find_cases(data_dir, modality)
     train_files, val_files = split_by_patient(cases, settings.val_fraction, settings.seed)
     checkpoint_path = training_paths(out)[0]
+    if resume and not checkpoint_path.exists():
+        say(f"no checkpoint at {checkpoint_path} yet: starting a new run")
     if resume and checkpoint_path.exists():
         # The split of the original run wins (the folder may have grown since).
         saved = load_checkpoint(checkpoint_path, kind=CHECKPOINT_KIND).get("split") or {}

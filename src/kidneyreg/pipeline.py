@@ -1,0 +1,1255 @@
+"""The onsite pipeline: CT + U/S breathing sequence -> one pose per frame (the paper's second step).
+
+:class:`Registrar` is the one path that ``kidneyreg register``, ``kidneyreg adapt``, the demo and
+the benchmarks use. It prepares the CT side once (kidney map, kidney choice, registration grid,
+resampled CT and CT feature map), then per sequence the U/S side (feature maps, kidney centroids,
+breathing cycles), optionally adapts the model on the first breathing cycle
+(:mod:`kidneyreg.adapt`) and registers every frame::
+
+    registrar = Registrar(ct, "model.pt", ct_mask=mask, profile="cpu")
+    result = registrar.run(sequence, masks=us_masks)          # adapt on one cycle, register all
+    frame = registrar.register_frame(window, pixel_size=(0.3, 0.3))  # streaming, one window
+
+Per frame ``k`` (``docs/architecture.md``): the window of ``Nw`` frames whose middle is ``k``
+(edge frames repeated at the ends of the sequence, so the first and last frames get their own
+estimate) is cropped around the U/S kidney centroid (the median centroid of the window's frames,
+robust to a frame where the segmentation fails) and placed on the grid slices ``P_k``; the CT is
+resampled on the grid ``G`` centred on the CT kidney centroid, so ``G @ P_k`` is the paper's
+initial alignment "U/S kidney centroid on CT kidney centroid". The network returns ``D_k`` and the
+result is ``M_k = G @ D_k @ P_k``. Each frame's confidence is its FIM loss terms.
+
+Inputs are built exactly as in pretraining (:mod:`kidneyreg.registration.pairs`): feature maps
+are the kidney masks smoothed by half a voxel (with ``--ct-mask`` / ``--us-mask``) or the feature
+networks' probabilities, images are normalised CT and B-mode / 255, and the moving CT is sampled
+on ``G`` from an axis-aligned cache at the profile's spacing.
+
+Initial pose. Without ``init`` the U/S plane starts as the CT's sagittal plane
+(:data:`~kidneyreg.geometry.DEFAULT_POSE_ROTATION`). ``init`` (one 4x4 for every frame or one per
+frame, e.g. ``--init``) gives another coarse pose: the grid of frame ``k`` is built around its
+plane (:meth:`RegistrationGrid.from_initial_pose`), so the network and the adaptation windows
+work in that frame; only the rotation of ``init`` is used, the kidney-centroid matching sets the
+translation.
+
+Kidney choice (``kidney``). The CT kidney map (the mask, or the CT feature map >= 0.5) is split
+into connected components; those of at least 20 % of the largest one's volume are kidney
+candidates, each on the patient's right or left of the body midline (the x of the centroid of the
+voxels above -500 HU; right = smaller x in LPS). ``"right"`` / ``"left"`` take that side (an error
+when no candidate lies there); ``"auto"`` takes the side of the candidate nearest to the probe
+position given by ``init`` (the mean origin of its poses) and, without ``init``, the right kidney
+when there is one (the paper's and the simulator's default), else the left. The kidney is the
+union of the candidates on the chosen side, so a kidney the threshold splits stays whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import math
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+from kidneyreg.adapt import (
+    DEFAULT_ADAPT_LR,
+    AdaptationRecord,
+    adaptation_frames,
+    check_strategy,
+    default_epochs,
+    fine_tune,
+)
+from kidneyreg.checkpoint import load_checkpoint
+from kidneyreg.cycles import CycleDetection, breathing_signal, detect_cycles, first_cycle_frames
+from kidneyreg.errors import InputError
+from kidneyreg.features.data import normalize_us
+from kidneyreg.geometry import DEFAULT_POSE_ROTATION, make_rigid
+from kidneyreg.io.transforms import TransformSequence
+from kidneyreg.io.us import UltrasoundSequence
+from kidneyreg.preprocess import (
+    CT_AIR_HU,
+    RegistrationGrid,
+    build_us_window,
+    kidney_centroid,
+    normalize_ct,
+    window_indices,
+    window_transforms,
+)
+from kidneyreg.profiles import PROFILES, Profile, get_profile
+from kidneyreg.registration.config import RegistrationConfig
+from kidneyreg.registration.loss import fim_loss, motion_loss
+from kidneyreg.registration.network import RegistrationNet
+from kidneyreg.registration.pairs import _smooth_ct_feature, _smooth_us_features, sample_grid
+from kidneyreg.registration.transformer import embed_window
+from kidneyreg.results import RegistrationResult
+
+if TYPE_CHECKING:
+    from kidneyreg.features.infer import FeatureModel
+
+__all__ = [
+    "FEATURE_THRESHOLD",
+    "KIDNEY_CHOICES",
+    "FrameRegistration",
+    "KidneyChoice",
+    "PreparedSequence",
+    "Registrar",
+    "RegistrationModel",
+    "bundled_registration_path",
+    "choose_kidney",
+    "load_registration_model",
+]
+
+#: Probability at or above which a feature-map voxel (pixel) counts as kidney.
+FEATURE_THRESHOLD = 0.5
+#: Values of the ``kidney`` option.
+KIDNEY_CHOICES: tuple[str, ...] = ("auto", "right", "left")
+
+# Components smaller than this fraction of the largest one are not kidney candidates.
+_MIN_COMPONENT_FRACTION = 0.2
+# HU above which a voxel belongs to the body (for the midline between the kidneys).
+_BODY_HU = -500.0
+# Windows per network call when registering. On 2 CPU threads at the cpu profile, batches of
+# 2-4 windows run at ~50-56 ms per frame against ~70 ms one by one (benchmarks/bench_pipeline.py);
+# a GPU wants larger batches.
+_CPU_BATCH = 2
+_GPU_BATCH = 16
+# Moving volumes kept in memory at once (one per distinct initial-pose rotation).
+_MOVING_CACHE = 8
+# Margin (voxels) of the CT cache around the grids it serves (trilinear reads one voxel beyond).
+_CACHE_MARGIN_VOXELS = 2
+# Rotation entries are compared at this precision when grouping frames by initial pose.
+_ROTATION_DECIMALS = 9
+_REGISTRATION_KIND = "registration-net"
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration model
+# ----------------------------------------------------------------------------------------------
+
+
+def bundled_registration_path(profile: str = "cpu") -> Path:
+    """Where the package keeps its bundled registration model for ``profile`` (may not exist).
+
+    Example:
+        >>> bundled_registration_path("cpu").name
+        'registration_cpu.pt'
+    """
+    root = importlib.resources.files("kidneyreg") / "models" / f"registration_{profile}.pt"
+    return Path(str(root))
+
+
+@dataclass(eq=False)
+class RegistrationModel:
+    """A registration network with the profile it works at.
+
+    Attributes:
+        net: The network (evaluation mode).
+        profile: Its resolution profile (window size taken from the network's configuration).
+        source: Checkpoint path or a description.
+        training: The checkpoint's pretraining settings (``features``, cases...), may be empty.
+    """
+
+    net: RegistrationNet
+    profile: Profile
+    source: str
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> RegistrationConfig:
+        """The network's configuration."""
+        return self.net.config
+
+
+def _profile_for_config(config: RegistrationConfig, name: str | Profile | None) -> Profile:
+    """The profile whose grid the configuration was built for (window from the configuration)."""
+    if name is None:
+        matches = [
+            p
+            for p in PROFILES.values()
+            if tuple(p.volume_shape) == tuple(config.volume_shape)
+            and math.isclose(p.spacing, config.spacing)
+        ]
+        if not matches:
+            raise ValueError(
+                f"no profile has the network's grid {config.volume_shape} at {config.spacing} mm"
+            )
+        base = matches[0]
+    else:
+        base = get_profile(name)
+    if tuple(base.volume_shape) != tuple(config.volume_shape) or not math.isclose(
+        base.spacing, config.spacing
+    ):
+        raise ValueError(
+            f"profile {base.name} ({base.volume_shape} at {base.spacing} mm) does not match the "
+            f"network ({config.volume_shape} at {config.spacing} mm)"
+        )
+    return replace(base, window=int(config.window))
+
+
+def _checkpoint_state(payload: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The weights to use: the best validation epoch's when it was scored, else the last."""
+    best = payload.get("best")
+    if isinstance(best, dict) and isinstance(best.get("model"), dict):
+        score = best.get("val_mcd_mm")
+        if isinstance(score, int | float) and math.isfinite(score):
+            return dict(best["model"])
+    state = payload.get("model")
+    if not isinstance(state, dict):
+        raise InputError(path, "registration checkpoint has no model weights")
+    return dict(state)
+
+
+def load_registration_model(
+    path: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    device: str | torch.device = "cpu",
+) -> RegistrationModel:
+    """Load a registration network from a checkpoint, or the bundled one of ``profile``.
+
+    A pretraining checkpoint (``kidneyreg pretrain``) gives its best validation epoch's weights
+    when validation scored them, else its last epoch's; an adapted one (``kidneyreg adapt``)
+    gives its adapted weights.
+
+    Args:
+        path: Checkpoint; None for the bundled model of ``profile`` (default ``cpu``).
+        profile: Required profile; None accepts the checkpoint's own.
+        device: Torch device.
+
+    Raises:
+        InputError: Missing, unreadable or foreign checkpoint, a checkpoint of another kind or
+            profile, weights that do not fit, no bundled model.
+
+    Example:
+        >>> model = load_registration_model("model.pt")  # doctest: +SKIP
+        >>> model.profile.name  # doctest: +SKIP
+        'cpu'
+    """
+    if path is None:
+        name = profile or "cpu"
+        file = bundled_registration_path(name)
+        if not file.is_file():
+            raise InputError(
+                "--model",
+                f"no bundled registration model for profile {name!r}: train one with "
+                f"`kidneyreg pretrain --cohort DIR --out model.pt --profile {name}` and pass it "
+                "with --model",
+            )
+    else:
+        file = Path(path)
+    payload = load_checkpoint(file, kind=_REGISTRATION_KIND)
+    try:
+        config = RegistrationConfig.from_dict(dict(payload["config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(
+            file, f"registration checkpoint has no valid configuration ({error})"
+        ) from None
+    saved_profile = payload.get("profile")
+    if profile is not None and saved_profile is not None and saved_profile != profile:
+        raise InputError(
+            file, f"was trained for profile {saved_profile!r}, not {profile!r} (--profile)"
+        )
+    try:
+        prof = _profile_for_config(config, saved_profile if profile is None else profile)
+    except ValueError as error:
+        raise InputError(file, str(error)) from None
+    net = RegistrationNet(config)
+    try:
+        net.load_state_dict(_checkpoint_state(payload, file))
+    except (RuntimeError, TypeError) as error:
+        text = str(error).splitlines()[0][:120]
+        raise InputError(file, f"weights do not fit the registration network ({text})") from None
+    net.to(torch.device(device)).eval()
+    training = payload.get("training")
+    return RegistrationModel(
+        net, prof, str(file), dict(training) if isinstance(training, dict) else {}
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Kidney choice on the CT
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KidneyChoice:
+    """The CT kidney the registration aligns to.
+
+    Attributes:
+        mask: uint8 0/1 mask of the chosen kidney on the CT grid.
+        side: ``"right"`` or ``"left"`` (patient side).
+        centroid: World position (LPS mm) of the mask's centroid, the grid origin.
+        candidates: Number of kidney candidates found (components of the map).
+        reason: How the side was chosen.
+    """
+
+    mask: sitk.Image
+    side: str
+    centroid: NDArray[np.float64]
+    candidates: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain description for ``transforms.json``."""
+        return {
+            "side": self.side,
+            "centroid_mm": [float(v) for v in self.centroid],
+            "candidates": self.candidates,
+            "choice": self.reason,
+        }
+
+
+def _body_midline_x(ct: sitk.Image) -> float:
+    body = sitk.Cast(ct > _BODY_HU, sitk.sitkUInt8)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(body)
+    if 1 not in stats.GetLabels():
+        return float(
+            ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()])[0]
+        )
+    return float(stats.GetCentroid(1)[0])
+
+
+def choose_kidney(
+    kidney_map: sitk.Image,
+    ct: sitk.Image,
+    kidney: str = "auto",
+    *,
+    near: ArrayLike | None = None,
+    source: str = "CT",
+    what: str = "kidney mask",
+    empty: str = "the kidney mask is empty",
+) -> KidneyChoice:
+    """Pick the scanned kidney out of a binary kidney map (see the module docstring).
+
+    Args:
+        kidney_map: Binary (nonzero = kidney) map on the CT grid.
+        ct: The CT in HU (for the body midline).
+        kidney: ``"auto"``, ``"right"`` or ``"left"``.
+        near: World point (LPS mm) of the probe for ``"auto"``, or None.
+        source: File named in errors.
+        what: What the map is, for errors.
+        empty: Why there is no kidney when the map is empty, for errors.
+
+    Raises:
+        InputError: No kidney in the map, or none on the requested side.
+        ValueError: Unknown ``kidney`` value.
+
+    Example:
+        >>> choice = choose_kidney(mask, ct, "right")  # doctest: +SKIP
+        >>> choice.side  # doctest: +SKIP
+        'right'
+    """
+    if kidney not in KIDNEY_CHOICES:
+        raise ValueError(f"kidney must be one of {KIDNEY_CHOICES}, got {kidney!r}")
+    binary = sitk.Cast(kidney_map != 0, sitk.sitkUInt8)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(binary, True), sortByObjectSize=True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(components)
+    labels = sorted(stats.GetLabels())
+    if not labels:
+        raise InputError(source, f"no kidney found in the CT ({empty})")
+    largest = stats.GetPhysicalSize(labels[0])
+    kept = [
+        lab for lab in labels if stats.GetPhysicalSize(lab) >= _MIN_COMPONENT_FRACTION * largest
+    ]
+    midline = _body_midline_x(ct)
+    centroids = {lab: np.array(stats.GetCentroid(lab), dtype=np.float64) for lab in kept}
+    sides = {lab: "right" if centroids[lab][0] < midline else "left" for lab in kept}
+    found = sorted(set(sides.values()))
+    if kidney in ("right", "left"):
+        side, reason = kidney, "requested"
+        if kidney not in found:
+            raise InputError(
+                source,
+                f"no {kidney} kidney found in the CT (the {what} has {len(kept)} kidney "
+                f"candidate(s), on the {' and '.join(found)})",
+            )
+    elif near is not None:
+        point = np.asarray(near, dtype=np.float64)
+        nearest = min(kept, key=lambda lab: float(np.linalg.norm(centroids[lab] - point)))
+        side, reason = sides[nearest], "nearest to the initial pose"
+    else:
+        side = "right" if "right" in found else "left"
+        reason = "default (right when present)"
+    chosen = [lab for lab in kept if sides[lab] == side]
+    array = np.isin(sitk.GetArrayViewFromImage(components), chosen).astype(np.uint8)
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(kidney_map)
+    return KidneyChoice(mask, side, kidney_centroid(mask, source=source), len(kept), reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# U/S side
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PreparedSequence:
+    """A U/S sequence ready for registration (computed once, shared by adaptation and registration).
+
+    Attributes:
+        frames: float32 ``(n, rows, cols)`` B-mode in [0, 1].
+        features: float32 ``(n, rows, cols)`` kidney feature maps in [0, 1].
+        masks: uint8 ``(n, rows, cols)`` kidney masks given by the user, or None.
+        centroids: ``(n, 2)`` U/S kidney centroid ``(u, v)`` mm of each frame, interpolated over
+            frames without kidney.
+        visible: ``(n,)`` whether the kidney was found in each frame.
+        pixel_size: ``(sx, sy)`` mm.
+        frame_rate: Frames per second, or None.
+        feature_source: ``"masks"`` or ``"network"``.
+        cycles: Breathing cycles, or None when not detected (streaming windows).
+        seconds: Preparation time.
+        warnings: Warnings raised while preparing (breathing not detected...).
+        source: Where the frames came from.
+    """
+
+    frames: NDArray[np.float32]
+    features: NDArray[np.float32]
+    masks: NDArray[np.uint8] | None
+    centroids: NDArray[np.float64]
+    visible: NDArray[np.bool_]
+    pixel_size: tuple[float, float]
+    frame_rate: float | None
+    feature_source: str
+    cycles: CycleDetection | None
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    source: str = "<memory>"
+
+    @property
+    def n_frames(self) -> int:
+        """Number of frames."""
+        return int(self.frames.shape[0])
+
+    def kidney_masks(self) -> NDArray[np.uint8]:
+        """The masks, or the feature maps thresholded at :data:`FEATURE_THRESHOLD`."""
+        if self.masks is not None:
+            return self.masks
+        return (self.features >= FEATURE_THRESHOLD).astype(np.uint8)
+
+    def window_centroid(self, centre: int, window: int) -> NDArray[np.float64]:
+        """Median kidney centroid of the window's frames that show the kidney (mm).
+
+        Falls back to the interpolated centroid of ``centre`` when none of them does.
+        """
+        picked = window_indices(self.n_frames, centre, window)
+        seen = picked[self.visible[picked]]
+        if seen.size == 0:
+            return np.asarray(self.centroids[centre], dtype=np.float64)
+        return np.asarray(np.median(self.centroids[seen], axis=0), dtype=np.float64)
+
+
+def _frame_centroids(
+    binary: NDArray[Any], pixel_size: tuple[float, float]
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Per-frame pixel-mean centroids (u, v) mm, NaN-free (interpolated), and visibility."""
+    n = binary.shape[0]
+    centroids = np.full((n, 2), np.nan)
+    for k in range(n):
+        rows, cols = np.nonzero(binary[k])
+        if rows.size:
+            centroids[k] = (cols.mean() * pixel_size[0], rows.mean() * pixel_size[1])
+    visible = np.isfinite(centroids[:, 0])
+    if visible.any() and not visible.all():
+        index = np.arange(n)
+        for axis in range(2):
+            centroids[:, axis] = np.interp(index, index[visible], centroids[visible, axis])
+    return centroids, visible
+
+
+@dataclass(frozen=True)
+class FrameRegistration:
+    """The result for one window (streaming).
+
+    Attributes:
+        matrix: ``M`` (4x4) of the window's middle frame, U/S image mm -> CT world mm.
+        initial_matrix: The initial alignment ``G @ P`` of that frame.
+        loss_terms: The frame's FIM loss terms (its confidence).
+        seconds: Processing time of the window.
+    """
+
+    matrix: NDArray[np.float64]
+    initial_matrix: NDArray[np.float64]
+    loss_terms: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class _WindowBatch:
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    grids: NDArray[np.float64]  # (B, 4, 4) G of each window
+    P_mid: NDArray[np.float64]  # (B, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registrar
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise InputError("--device", f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was requested but no CUDA device is available")
+    return resolved
+
+
+def _init_sequence(init: ArrayLike | TransformSequence | None) -> TransformSequence | None:
+    if init is None or isinstance(init, TransformSequence):
+        return init
+    matrices = np.asarray(init, dtype=np.float64)
+    if matrices.shape == (4, 4):
+        matrices = matrices[None]
+    if matrices.ndim != 3 or matrices.shape[1:] != (4, 4):
+        raise ValueError(f"init must be (4, 4) or (n, 4, 4), got shape {matrices.shape}")
+    return TransformSequence(matrices, list(range(len(matrices))), source="initial pose")
+
+
+class Registrar:
+    """CT-to-U/S registration of breathing sequences with one model (see the module docstring).
+
+    Args:
+        ct: CT in HU (world = the file's LPS space).
+        model: A loaded :class:`RegistrationModel`, a :class:`RegistrationNet`, a checkpoint path,
+            or None for the bundled model of ``profile``. The network is copied: adaptation
+            never changes the caller's object.
+        ct_mask: Kidney mask on the CT grid; None uses the CT feature network.
+        ct_features: CT feature network (loaded model or checkpoint) when ``ct_mask`` is None;
+            None: the bundled one.
+        us_features: U/S feature network for sequences given without masks; None: the bundled
+            one (loaded when first needed).
+        profile: Resolution profile; None: the model's.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        init: Initial pose(s): one 4x4 for every frame or ``(n, 4, 4)``, or a
+            :class:`TransformSequence` (``--init``); None: the default sagittal pose.
+        kidney: ``"auto"``, ``"right"`` or ``"left"`` (module docstring).
+        batch_size: Windows per network call when registering; None: 2 on CPU, 16 on a GPU.
+        ct_source: Name of the CT (file) in messages.
+        ct_mask_source: Name of the CT mask (file) in messages.
+        log: Called with one-line progress messages.
+
+    Raises:
+        InputError: No kidney in the CT (or on the requested side), a bad or missing model.
+
+    Example:
+        >>> registrar = Registrar(ct, "model.pt", ct_mask=mask)  # doctest: +SKIP
+        >>> result = registrar.run(sequence, masks=us_masks)  # doctest: +SKIP
+        >>> result.matrices.shape  # doctest: +SKIP
+        (120, 4, 4)
+    """
+
+    def __init__(
+        self,
+        ct: sitk.Image,
+        model: RegistrationModel | RegistrationNet | str | Path | None = None,
+        *,
+        ct_mask: sitk.Image | None = None,
+        ct_features: FeatureModel | str | Path | None = None,
+        us_features: FeatureModel | str | Path | None = None,
+        profile: str | Profile | None = None,
+        device: str | torch.device = "auto",
+        init: ArrayLike | TransformSequence | None = None,
+        kidney: str = "auto",
+        batch_size: int | None = None,
+        ct_source: str = "CT",
+        ct_mask_source: str = "CT kidney mask",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        if not isinstance(ct, sitk.Image) or ct.GetDimension() != 3:
+            raise TypeError("ct must be a 3D SimpleITK image")
+        if kidney not in KIDNEY_CHOICES:
+            raise InputError("--kidney", f"must be one of {', '.join(KIDNEY_CHOICES)}")
+        self.device = _resolve_device(device)
+        self._log = log or (lambda _message: None)
+        self.model = self._load_model(model, profile)
+        self.net: RegistrationNet = copy.deepcopy(self.model.net).to(self.device).eval()
+        self._pretrained_state = copy.deepcopy(self.net.state_dict())
+        self.profile = self.model.profile
+        self.config = self.net.config
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = (
+            int(batch_size)
+            if batch_size
+            else (_GPU_BATCH if self.device.type == "cuda" else _CPU_BATCH)
+        )
+        self.init = _init_sequence(init)
+        self.ct = ct
+        self.ct_source = ct_source
+        self._us_features_arg = us_features
+        self._us_model: FeatureModel | None = None
+        self.adaptation: AdaptationRecord | None = None
+
+        # CT kidney map: the mask, or the CT feature network's probabilities.
+        if ct_mask is not None:
+            self.feature_source_ct = "masks"
+            kidney_map = ct_mask
+            binary = ct_mask
+            map_source, what, empty = ct_mask_source, "kidney mask", "the kidney mask is empty"
+        else:
+            self.feature_source_ct = "network"
+            self._log("CT kidney feature map (feature network)")
+            ct_model = self._feature_model(ct_features, "ct")
+            from kidneyreg.features.infer import predict_ct
+
+            kidney_map = predict_ct(ct_model, ct)
+            binary = kidney_map >= FEATURE_THRESHOLD
+            map_source, what = ct_source, "CT feature map"
+            empty = f"the CT feature map is below {FEATURE_THRESHOLD} everywhere"
+        self.kidney = choose_kidney(
+            binary,
+            ct,
+            kidney,
+            near=self._probe_position(),
+            source=map_source,
+            what=what,
+            empty=empty,
+        )
+        self.ct_kidney_mask = self.kidney.mask
+        self._log(
+            f"CT kidney: {self.kidney.side} ({self.kidney.reason}), centroid "
+            + ", ".join(f"{v:.1f}" for v in self.kidney.centroid)
+            + " mm"
+        )
+
+        # Registration grids: one per distinct initial rotation (one without --init).
+        rotations = self._init_rotations()
+        keys = [tuple(np.round(r, _ROTATION_DECIMALS).ravel()) for r in rotations]
+        unique: dict[tuple[float, ...], int] = {}
+        self._frame_grid = np.array([unique.setdefault(k, len(unique)) for k in keys], np.int64)
+        first = {g: i for i, g in reversed(list(enumerate(self._frame_grid)))}
+        self.grids = [
+            RegistrationGrid.from_initial_pose(
+                make_rigid(rotations[first[g]], np.zeros(3)), self.kidney.centroid, self.profile
+            )
+            for g in range(len(unique))
+        ]
+        feature_image = (
+            sitk.Cast(self.kidney.mask, sitk.sitkFloat32)
+            if self.feature_source_ct == "masks"
+            else sitk.Cast(kidney_map, sitk.sitkFloat32)
+        )
+        self._build_cache(feature_image)
+        self._moving: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.ct_seconds = time.perf_counter() - started
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _load_model(
+        self, model: RegistrationModel | RegistrationNet | str | Path | None, profile: Any
+    ) -> RegistrationModel:
+        name = None if profile is None else get_profile(profile).name
+        if isinstance(model, RegistrationModel):
+            if name is not None and model.profile.name != name:
+                raise InputError(
+                    model.source, f"works at profile {model.profile.name!r}, not {name!r}"
+                )
+            return model
+        if isinstance(model, RegistrationNet):
+            return RegistrationModel(model, _profile_for_config(model.config, profile), "<memory>")
+        return load_registration_model(model, profile=name, device="cpu")
+
+    def _feature_model(
+        self, model: FeatureModel | str | Path | None, modality: str
+    ) -> FeatureModel:
+        from kidneyreg.features.infer import FeatureModel, bundled_model_path, load_feature_model
+
+        if isinstance(model, FeatureModel):
+            if model.modality != modality:
+                raise InputError(model.source, f"is not a {modality.upper()} feature model")
+            return model
+        option = "--ct-features" if modality == "ct" else "--us-features"
+        mask_option = "--ct-mask" if modality == "ct" else "--us-mask"
+        if model is None and not bundled_model_path(modality, self.profile.name).is_file():
+            raise InputError(
+                option,
+                f"no bundled {modality.upper()} feature model for profile {self.profile.name!r}: "
+                f"train one with `kidneyreg train-features --modality {modality} --data DIR "
+                f"--out {modality}.pt --profile {self.profile.name}` and pass it with {option}, "
+                f"or give {mask_option}",
+            )
+        return load_feature_model(
+            model, modality=modality, profile=self.profile.name, device=self.device
+        )
+
+    def _probe_position(self) -> NDArray[np.float64] | None:
+        if self.init is None:
+            return None
+        return np.asarray(self.init.matrices[:, :3, 3].mean(axis=0), dtype=np.float64)
+
+    def _init_rotations(self) -> NDArray[np.float64]:
+        if self.init is None:
+            return np.asarray(DEFAULT_POSE_ROTATION)[None]
+        return np.asarray(self.init.matrices[:, :3, :3], dtype=np.float64)
+
+    def _build_cache(self, feature_image: sitk.Image) -> None:
+        """Feature map and normalised CT on an axis-aligned grid covering every registration grid.
+
+        Pretraining samples the moving CT from such a cache (float16, profile spacing, trilinear
+        ``sample_grid``); doing the same gives the network the same inputs.
+        """
+        s = float(self.profile.spacing)
+        corners = []
+        for grid in self.grids:
+            box = np.array(np.meshgrid(*[[0.0, float(n - 1)] for n in grid.shape])).reshape(3, -1)
+            corners.append(grid.index_to_world(box.T))
+        points = np.concatenate(corners)
+        size = np.array(self.ct.GetSize(), dtype=np.float64)
+        ct_box = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size])).reshape(3, -1).T
+        ct_world = np.array(
+            [self.ct.TransformContinuousIndexToPhysicalPoint(tuple(c)) for c in ct_box]
+        )
+        margin = _CACHE_MARGIN_VOXELS * s
+        lo = np.maximum(points.min(axis=0) - margin, ct_world.min(axis=0))
+        hi = np.minimum(points.max(axis=0) + margin, ct_world.max(axis=0))
+        shape = np.maximum(np.ceil((hi - lo) / s).astype(int) + 1, 2)
+        box_profile = Profile(
+            f"{self.profile.name}-cache",
+            s,
+            (int(shape[0]), int(shape[1]), int(shape[2])),
+            (1, 1),
+            1,
+        )
+        cache_grid = RegistrationGrid.around(lo + (shape // 2) * s, box_profile)
+        ct_array = normalize_ct(
+            cache_grid.resample(self.ct, default_value=CT_AIR_HU, antialias=True)
+        )
+        feature = cache_grid.resample(feature_image, antialias=True).astype(np.float32)
+        if self.feature_source_ct == "masks":
+            feature = _smooth_ct_feature(feature)
+        self._cache = torch.from_numpy(np.stack([np.clip(feature, 0.0, 1.0), ct_array])).to(
+            torch.float16
+        )
+        self._cache_origin = cache_grid.index_to_world(np.zeros(3))
+
+    def moving_volume(self, grid_id: int) -> torch.Tensor:
+        """The CT feature map and normalised CT on grid ``grid_id``: ``(2, D, H, W)`` on device."""
+        if grid_id in self._moving:
+            self._moving.move_to_end(grid_id)
+            return self._moving[grid_id]
+        volume = sample_grid(
+            self._cache,
+            self._cache_origin,
+            self.profile.spacing,
+            self.grids[grid_id].matrix,
+            self.profile,
+        ).clamp_(0.0, 1.0)
+        volume = volume.to(self.device)
+        self._moving[grid_id] = volume
+        if len(self._moving) > _MOVING_CACHE:
+            self._moving.popitem(last=False)
+        return volume
+
+    def reset(self) -> None:
+        """Restore the pretrained weights (undo :meth:`adapt`)."""
+        self.net.load_state_dict(self._pretrained_state)
+        self.net.eval()
+        self.adaptation = None
+
+    # -- U/S side -------------------------------------------------------------------------------
+
+    def _us_model_loaded(self) -> FeatureModel:
+        if self._us_model is None:
+            self._log("U/S kidney feature maps (feature network)")
+            self._us_model = self._feature_model(self._us_features_arg, "us")
+        return self._us_model
+
+    def prepare(
+        self,
+        sequence: UltrasoundSequence,
+        masks: ArrayLike | None = None,
+        *,
+        detect: bool = True,
+        mask_source: str = "U/S kidney mask",
+    ) -> PreparedSequence:
+        """Feature maps, kidney centroids and breathing cycles of a sequence.
+
+        Args:
+            sequence: The U/S sequence (at least one window of frames).
+            masks: ``(n, rows, cols)`` kidney masks; None uses the U/S feature network.
+            detect: Detect breathing cycles (a :class:`BreathingNotDetectedWarning` falls back to
+                fixed-length cycles); False for short streaming windows.
+            mask_source: Name of the masks in messages.
+
+        Raises:
+            InputError: Fewer frames than the window, masks of another shape, no kidney in any
+                frame, or a per-frame ``init`` of another length.
+
+        Example:
+            >>> prepared = registrar.prepare(sequence, masks)  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        if not isinstance(sequence, UltrasoundSequence):
+            raise TypeError(
+                f"sequence must be an UltrasoundSequence, got {type(sequence).__name__}"
+            )
+        n, nw = sequence.n_frames, int(self.profile.window)
+        if n < nw:
+            raise InputError(
+                sequence.source,
+                f"has {n} frame{'s' if n != 1 else ''}, fewer than the registration window of {nw}",
+            )
+        if self.init is not None and self.init.n_frames not in (1, n):
+            self.init.broadcast_to(n)  # raises the InputError naming the init file
+        pixel_size = (float(sequence.pixel_size[0]), float(sequence.pixel_size[1]))
+        frames = normalize_us(sequence.frames)
+        user_masks = None
+        if masks is not None:
+            user_masks = (np.asarray(masks) != 0).astype(np.uint8)
+            if user_masks.shape != sequence.shape:
+                raise InputError(
+                    mask_source,
+                    f"mask grid differs from the U/S sequence: {user_masks.shape} vs "
+                    f"{sequence.shape} (frames, rows, cols)",
+                )
+            features = _smooth_us_features(user_masks, pixel_size, self.profile.spacing)
+            binary: NDArray[Any] = user_masks
+            source = "masks"
+        else:
+            from kidneyreg.features.infer import predict_us
+
+            features = np.clip(predict_us(self._us_model_loaded(), sequence), 0.0, 1.0)
+            binary = features >= FEATURE_THRESHOLD
+            source = "network"
+        centroids, visible = _frame_centroids(binary, pixel_size)
+        if not visible.any():
+            where = mask_source if user_masks is not None else sequence.source
+            detail = (
+                "the mask is empty"
+                if user_masks is not None
+                else (f"the U/S feature map is below {FEATURE_THRESHOLD}")
+            )
+            raise InputError(where, f"no kidney found in any U/S frame ({detail})")
+        caught: list[str] = []
+        cycles = None
+        if detect:
+            with warnings.catch_warnings(record=True) as records:
+                warnings.simplefilter("always")
+                signal = breathing_signal(
+                    frames,
+                    masks=user_masks if user_masks is not None else features,
+                    pixel_size=pixel_size,
+                )
+                cycles = detect_cycles(signal, frame_rate=sequence.frame_rate)
+            for record in records:
+                caught.append(str(record.message))
+                warnings.warn(record.message, stacklevel=2)
+        return PreparedSequence(
+            frames=frames,
+            features=np.asarray(features, dtype=np.float32),
+            masks=user_masks,
+            centroids=centroids,
+            visible=visible,
+            pixel_size=pixel_size,
+            frame_rate=sequence.frame_rate,
+            feature_source=source,
+            cycles=cycles,
+            seconds=time.perf_counter() - started,
+            warnings=caught,
+            source=sequence.source,
+        )
+
+    def _prepared(
+        self, sequence: UltrasoundSequence | PreparedSequence, masks: ArrayLike | None
+    ) -> PreparedSequence:
+        if isinstance(sequence, PreparedSequence):
+            if masks is not None:
+                raise ValueError("masks belong to prepare(); this sequence is already prepared")
+            return sequence
+        return self.prepare(sequence, masks)
+
+    def _grid_of_frame(self, frame: int, n_frames: int) -> int:
+        if len(self.grids) == 1:
+            return 0
+        if len(self._frame_grid) != n_frames:
+            raise ValueError(
+                f"the initial poses give {len(self._frame_grid)} frames, the sequence has "
+                f"{n_frames}"
+            )
+        return int(self._frame_grid[frame])
+
+    # -- windows --------------------------------------------------------------------------------
+
+    def _window(
+        self, prepared: PreparedSequence, centre: int
+    ) -> tuple[torch.Tensor, NDArray[np.float64]]:
+        """Compact fixed window ``(2, D, H, Nw)`` (feature map, image) and ``P`` of its middle."""
+        nw = int(self.profile.window)
+        uv = prepared.window_centroid(centre, nw)
+        nx = int(self.profile.volume_shape[0])
+        x0 = nx // 2 - nw // 2
+        layers = [
+            build_us_window(values, prepared.pixel_size, centre, uv, self.profile).volume[
+                ..., x0 : x0 + nw
+            ]
+            for values in (prepared.features, prepared.frames)
+        ]
+        compact = torch.from_numpy(np.clip(np.stack(layers), 0.0, 1.0))
+        return compact, window_transforms(uv, self.profile)[nw // 2]
+
+    def _batch(
+        self,
+        prepared: PreparedSequence,
+        centres: Sequence[int],
+        compact: Sequence[torch.Tensor] | None = None,
+        P_mid: Sequence[NDArray[np.float64]] | None = None,
+    ) -> _WindowBatch:
+        """Network inputs of the windows centred on ``centres`` (precomputed windows optional)."""
+        if compact is None or P_mid is None:
+            built = [self._window(prepared, int(c)) for c in centres]
+            compact = [b[0] for b in built]
+            P_mid = [b[1] for b in built]
+        nx = int(self.profile.volume_shape[0])
+        fixed = embed_window(torch.stack(list(compact)), nx).to(self.device)
+        grid_ids = [self._grid_of_frame(int(c), prepared.n_frames) for c in centres]
+        moving = torch.stack([self.moving_volume(g) for g in grid_ids])
+        grids = np.stack([self.grids[g].matrix for g in grid_ids])
+        return _WindowBatch(fixed, moving, grids, np.stack(list(P_mid)))
+
+    def _infer(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
+        """``M`` of each window's middle frame and its loss terms (no gradients)."""
+        mid = int(self.config.window) // 2
+        with torch.inference_mode():
+            output = self.net(batch.fixed, batch.moving)
+            terms = fim_loss(output.matrices, batch.fixed, batch.moving, self.config)
+            motion, _, _ = motion_loss(
+                output.matrices,
+                self.config.motion_identity_weight,
+                self.config.motion_smoothness_weight,
+            )
+        D = output.matrices[:, mid].detach().to(torch.float64).cpu().numpy()
+        matrices = batch.grids @ D @ batch.P_mid
+        values = {
+            "loss": terms.per_sample.detach().double().cpu().numpy(),
+            "dice": terms.dice[:, mid].detach().double().cpu().numpy(),
+            "mind": terms.mind_difference.detach().double().cpu().numpy(),
+            "motion": motion.detach().double().cpu().numpy(),
+        }
+        return np.asarray(matrices, dtype=np.float64), values
+
+    def initial_alignment(self, prepared: PreparedSequence) -> NDArray[np.float64]:
+        """``(n, 4, 4)`` initial poses ``G @ P`` (U/S kidney centroid on CT kidney centroid).
+
+        Example:
+            >>> registrar.initial_alignment(registrar.prepare(seq, masks)).shape  # doctest: +SKIP
+            (60, 4, 4)
+        """
+        nw = int(self.profile.window)
+        out = np.empty((prepared.n_frames, 4, 4))
+        for k in range(prepared.n_frames):
+            P = window_transforms(prepared.window_centroid(k, nw), self.profile)[nw // 2]
+            grid = self.grids[self._grid_of_frame(k, prepared.n_frames)]
+            out[k] = grid.to_world_matrix(P)
+        return out
+
+    def evaluate_windows(
+        self, sequence: UltrasoundSequence | PreparedSequence, centres: Sequence[int]
+    ) -> NDArray[np.float64]:
+        """FIM loss of the current model on the windows centred on ``centres`` (no update).
+
+        Example:
+            >>> registrar.evaluate_windows(prepared, [0, 1, 2]).shape  # doctest: +SKIP
+            (3,)
+        """
+        prepared = self._prepared(sequence, None)
+        losses = []
+        for first in range(0, len(centres), self.batch_size):
+            batch = self._batch(
+                prepared, [int(c) for c in centres[first : first + self.batch_size]]
+            )
+            losses.append(self._infer(batch)[1]["loss"])
+        return np.concatenate(losses) if losses else np.zeros(0)
+
+    # -- adaptation -----------------------------------------------------------------------------
+
+    def adapt(
+        self,
+        sequence: UltrasoundSequence | PreparedSequence,
+        masks: ArrayLike | None = None,
+        *,
+        frames_idx: Sequence[int] | None = None,
+        strategy: str = "one-cycle",
+        epochs: int | None = None,
+        lr: float = DEFAULT_ADAPT_LR,
+        batch_size: int = 1,
+        seed: int = 0,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> AdaptationRecord:
+        """Fine-tune the model on windows of the sequence's first breathing cycle (unsupervised).
+
+        Args:
+            sequence: The sequence (or a :meth:`prepare` result).
+            masks: U/S kidney masks when ``sequence`` is not prepared.
+            frames_idx: Window centres to adapt on; None: chosen by ``strategy`` from the first
+                detected breathing cycle (:func:`kidneyreg.adapt.adaptation_frames`).
+            strategy: ``"one-cycle"``, ``"one-shot"`` or ``"five-shot"``.
+            epochs: Passes over the windows; None: 2 for one-cycle, 5 for the shots.
+            lr: Adam learning rate.
+            batch_size: Windows per step.
+            seed: Seed of the window order.
+            progress: Called after every step with ``(step, total, loss)``.
+
+        Returns:
+            The record (also kept as :attr:`adaptation`).
+
+        Raises:
+            InputError: Frame indices outside the sequence.
+
+        Example:
+            >>> record = registrar.adapt(sequence, masks)  # doctest: +SKIP
+            >>> record.steps  # doctest: +SKIP
+            116
+        """
+        started = time.perf_counter()
+        check_strategy(strategy)
+        prepared = self._prepared(sequence, masks)
+        n = prepared.n_frames
+        cycle: tuple[int, int] | None = None
+        if frames_idx is None:
+            cycles = prepared.cycles
+            if cycles is None:
+                raise ValueError("adaptation needs the breathing cycles: prepare with detect=True")
+            in_cycle = first_cycle_frames(cycles, n)
+            cycle = (int(in_cycle[0]), int(in_cycle[-1]) + 1)
+            centres = adaptation_frames(strategy, in_cycle)
+        else:
+            centres = np.asarray(list(frames_idx), dtype=np.int64)
+            if centres.size == 0 or centres.min() < 0 or centres.max() >= n:
+                raise InputError(
+                    "adaptation frames", f"must be frame indices within 0..{n - 1}, got {centres}"
+                )
+        n_epochs = default_epochs(strategy) if epochs is None else int(epochs)
+        self._log(
+            f"adapting ({strategy}, {n_epochs} epoch(s)) on {len(centres)} window(s), frames "
+            f"{int(centres.min())}..{int(centres.max())}"
+        )
+        windows = [self._window(prepared, int(c)) for c in centres]
+
+        def inputs(indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = self._batch(
+                prepared,
+                [int(centres[i]) for i in indices],
+                [windows[i][0] for i in indices],
+                [windows[i][1] for i in indices],
+            )
+            return batch.fixed, batch.moving
+
+        log = fine_tune(
+            self.net,
+            inputs,
+            len(centres),
+            epochs=n_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        self.adaptation = AdaptationRecord(
+            strategy=strategy,
+            epochs=n_epochs,
+            steps=log.steps,
+            frames=tuple(int(c) for c in centres),
+            cycle=cycle,
+            lr=float(lr),
+            batch_size=int(batch_size),
+            seconds=time.perf_counter() - started,
+            loss_history=log.loss_history,
+            epoch_losses=log.epoch_losses,
+        )
+        return self.adaptation
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def register(
+        self,
+        sequence: UltrasoundSequence | PreparedSequence,
+        masks: ArrayLike | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RegistrationResult:
+        """Register every frame with the current (adapted or pretrained) model.
+
+        Frame ``k`` gets the estimate of the window whose middle it is (edge frames repeated at
+        the ends). Windows are batched (``batch_size``).
+
+        Args:
+            sequence: The sequence (or a :meth:`prepare` result).
+            masks: U/S kidney masks when ``sequence`` is not prepared.
+            progress: Called after every batch with ``(frames done, n_frames)``.
+
+        Returns:
+            The poses with initial alignment, per-frame loss terms, cycle starts and timing
+            (``ms_per_frame`` covers the U/S preparation and the registration, not file I/O).
+
+        Example:
+            >>> result = registrar.register(sequence, masks)  # doctest: +SKIP
+            >>> result.n_frames == sequence.n_frames  # doctest: +SKIP
+            True
+        """
+        prepared = self._prepared(sequence, masks)
+        started = time.perf_counter()
+        n = prepared.n_frames
+        matrices = np.empty((n, 4, 4))
+        terms: dict[str, list[NDArray[Any]]] = {}
+        for first in range(0, n, self.batch_size):
+            centres = list(range(first, min(n, first + self.batch_size)))
+            batch = self._batch(prepared, centres)
+            matrices[first : first + len(centres)], values = self._infer(batch)
+            for name, value in values.items():
+                terms.setdefault(name, []).append(value)
+            if progress is not None:
+                progress(first + len(centres), n)
+        seconds = time.perf_counter() - started
+        record = self.adaptation
+        timing = {
+            "ct_preparation_s": self.ct_seconds,
+            "us_preparation_s": prepared.seconds,
+            "adaptation_s": 0.0 if record is None else record.seconds,
+            "registration_s": seconds,
+            "ms_per_frame": 1000.0 * (prepared.seconds + seconds) / n,
+            "network_ms_per_frame": 1000.0 * seconds / n,
+        }
+        extras: dict[str, Any] = {
+            "kidney": self.kidney.to_dict(),
+            "feature_source": {"ct": self.feature_source_ct, "us": prepared.feature_source},
+            "initial_pose": "default sagittal" if self.init is None else self.init.source,
+            "batch_size": self.batch_size,
+        }
+        if prepared.cycles is not None:
+            extras["cycles"] = prepared.cycles.to_dict()
+        if record is not None:
+            extras["adaptation_record"] = record.to_dict()
+        return RegistrationResult(
+            matrices=matrices,
+            initial_matrices=self.initial_alignment(prepared),
+            loss_terms={name: np.concatenate(parts) for name, parts in terms.items()},
+            window_centres=np.arange(n, dtype=np.int64),
+            cycle_starts=[] if prepared.cycles is None else list(prepared.cycles.boundaries),
+            adaptation="none" if record is None else record.strategy,
+            # None when the model was adapted on another (longer) sequence.
+            adaptation_frames=(
+                record.frame_range if record is not None and record.frame_range[1] <= n else None
+            ),
+            timing=timing,
+            profile=self.profile.name,
+            model_id=self.model.source,
+            device=str(self.device),
+            extras=extras,
+            warnings=list(prepared.warnings),
+        )
+
+    def register_frame(
+        self,
+        window: UltrasoundSequence | ArrayLike,
+        *,
+        pixel_size: Sequence[float] | None = None,
+        masks: ArrayLike | None = None,
+        frame_index: int | None = None,
+    ) -> FrameRegistration:
+        """Register the middle frame of one window of ``Nw`` frames (streaming).
+
+        Args:
+            window: ``Nw`` consecutive frames ``(Nw, rows, cols)`` (B-mode 0..255) or a sequence
+                of ``Nw`` frames; its middle frame is the target.
+            pixel_size: ``(sx, sy)`` mm when ``window`` is an array.
+            masks: The window's kidney masks, or None for the U/S feature network.
+            frame_index: Index of the target frame in the whole sequence; needed with one initial
+                pose per frame.
+
+        Returns:
+            The target frame's pose, initial alignment and loss terms.
+
+        Example:
+            >>> frame = registrar.register_frame(frames[k - 2 : k + 3], pixel_size=(0.3, 0.3),
+            ...                                  frame_index=k)  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        nw = int(self.profile.window)
+        if isinstance(window, UltrasoundSequence):
+            sequence = window
+        else:
+            if pixel_size is None:
+                raise ValueError("pixel_size is needed when the window is an array")
+            sequence = UltrasoundSequence(np.asarray(window), (pixel_size[0], pixel_size[1]))
+        if sequence.n_frames != nw:
+            raise InputError(
+                sequence.source, f"a streaming window has {nw} frames, got {sequence.n_frames}"
+            )
+        prepared = self.prepare(sequence, masks, detect=False)
+        grid_id = 0
+        if len(self.grids) > 1:
+            if frame_index is None:
+                raise ValueError("frame_index is needed with one initial pose per frame")
+            grid_id = int(self._frame_grid[int(frame_index)])
+        compact, P = self._window(prepared, nw // 2)
+        nx = int(self.profile.volume_shape[0])
+        batch = _WindowBatch(
+            embed_window(compact[None], nx).to(self.device),
+            self.moving_volume(grid_id)[None],
+            self.grids[grid_id].matrix[None],
+            P[None],
+        )
+        matrices, values = self._infer(batch)
+        return FrameRegistration(
+            matrix=matrices[0],
+            initial_matrix=self.grids[grid_id].to_world_matrix(P),
+            loss_terms={name: float(v[0]) for name, v in values.items()},
+            seconds=time.perf_counter() - started,
+        )
+
+    # -- everything -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        sequence: UltrasoundSequence | PreparedSequence,
+        masks: ArrayLike | None = None,
+        *,
+        strategy: str | None = "one-cycle",
+        epochs: int | None = None,
+        lr: float = DEFAULT_ADAPT_LR,
+        batch_size: int = 1,
+        seed: int = 0,
+        adapt_progress: Callable[[int, int, float], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RegistrationResult:
+        """Prepare the sequence, adapt on its first breathing cycle, register every frame.
+
+        Args:
+            sequence: The U/S sequence (or a :meth:`prepare` result).
+            masks: Its kidney masks (None: the U/S feature network) when not prepared.
+            strategy: Adaptation strategy, or None for none (``--no-adapt``).
+            epochs, lr, batch_size, seed: Adaptation settings (:meth:`adapt`).
+            adapt_progress: Adaptation progress callback.
+            progress: Registration progress callback.
+
+        Example:
+            >>> result = Registrar(ct, "model.pt", ct_mask=m).run(seq, masks)  # doctest: +SKIP
+        """
+        prepared = self._prepared(sequence, masks)
+        if strategy is not None:
+            self.adapt(
+                prepared,
+                strategy=strategy,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                progress=adapt_progress,
+            )
+        self._log(f"registering {prepared.n_frames} frames")
+        return self.register(prepared, progress=progress)

@@ -1,0 +1,300 @@
+"""The onsite pipeline (Registrar): alignment, adaptation, --init, streaming and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from kidneyreg.adapt import adaptation_frames
+from kidneyreg.checkpoint import save_checkpoint
+from kidneyreg.cycles import BreathingNotDetectedWarning, CycleDetection
+from kidneyreg.errors import InputError
+from kidneyreg.geometry import (
+    DEFAULT_POSE_ROTATION,
+    euler_to_matrix,
+    invert_rigid,
+    make_rigid,
+    rotation_angles_deg,
+)
+from kidneyreg.io.us import UltrasoundSequence
+from kidneyreg.pipeline import (
+    PreparedSequence,
+    Registrar,
+    choose_kidney,
+    load_registration_model,
+)
+from kidneyreg.preprocess import kidney_centroid
+from kidneyreg.registration import RegistrationConfig, RegistrationNet
+from kidneyreg.simulate.case import SimulatedCase, simulate_case_data
+
+N_FRAMES = 14
+
+
+def tiny_config() -> RegistrationConfig:
+    """A narrow network at the tiny profile: fast enough for tests, same code path."""
+    return RegistrationConfig.from_profile(
+        "tiny",
+        encoder_channels=(4, 8, 8),
+        decoder_channels=(8, 8, 8, 8, 4, 4),
+        decoder_slab_half_width=2,
+        channels_last=False,
+    )
+
+
+def tiny_net(*, identity: bool = True, seed: int = 0) -> RegistrationNet:
+    """A fresh network (identity output) or one whose heads give small non-zero transforms."""
+    torch.manual_seed(seed)
+    net = RegistrationNet(tiny_config())
+    if not identity:
+        with torch.no_grad():
+            for head in net.heads:
+                head.out.weight.normal_(0.0, 0.05)
+    return net.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def case() -> SimulatedCase:
+    return simulate_case_data(0, frames=N_FRAMES, profile="tiny")
+
+
+@pytest.fixture(scope="module")
+def sequence(case: SimulatedCase) -> UltrasoundSequence:
+    return UltrasoundSequence(
+        case.frames.astype(np.float32), (case.pixel_size, case.pixel_size), case.frame_rate
+    )
+
+
+@pytest.fixture(scope="module")
+def identity_result(case: SimulatedCase, sequence: UltrasoundSequence) -> tuple:
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    with pytest.warns(BreathingNotDetectedWarning):
+        prepared = registrar.prepare(sequence, case.us_kidney_mask)
+    return registrar, prepared, registrar.register(prepared)
+
+
+def test_identity_network_gives_the_initial_alignment(identity_result: tuple) -> None:
+    result = identity_result[2]
+    assert result.n_frames == N_FRAMES
+    assert result.window_centres.tolist() == list(range(N_FRAMES))
+    np.testing.assert_allclose(result.matrices, result.initial_matrices, atol=1e-6)
+    assert set(result.loss_terms) == {"loss", "dice", "mind", "motion"}
+    assert all(
+        v.shape == (N_FRAMES,) and np.all(np.isfinite(v)) for v in result.loss_terms.values()
+    )
+    assert result.timing["ms_per_frame"] > 0 and result.adaptation == "none"
+    # The default pose: the U/S plane is the CT's sagittal plane.
+    expected = np.broadcast_to(DEFAULT_POSE_ROTATION, (N_FRAMES, 3, 3))
+    np.testing.assert_allclose(result.matrices[:, :3, :3], expected, atol=1e-6)
+
+
+def test_initial_alignment_puts_us_centroid_on_ct_centroid(
+    case: SimulatedCase, identity_result: tuple
+) -> None:
+    registrar, prepared, result = identity_result
+    ct_centre = kidney_centroid(case.ct_kidney_mask)
+    np.testing.assert_allclose(registrar.kidney.centroid, ct_centre, atol=1e-6)
+    for k in range(N_FRAMES):
+        uv = prepared.window_centroid(k, 5)
+        mapped = result.initial_matrices[k] @ np.array([uv[0], uv[1], 0.0, 1.0])
+        np.testing.assert_allclose(mapped[:3], ct_centre, atol=1e-6)
+    # The window centroid is the median of the frames' own mask centroids.
+    rows, cols = np.nonzero(case.us_kidney_mask[7])
+    own = np.array([cols.mean(), rows.mean()]) * case.pixel_size
+    assert np.linalg.norm(prepared.window_centroid(7, 5) - own) < 3 * case.pixel_size
+
+
+def test_streaming_window_matches_sequence_registration(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar = Registrar(
+        case.ct, tiny_net(identity=False), ct_mask=case.ct_kidney_mask, device="cpu"
+    )
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    result = registrar.register(prepared)
+    assert not np.allclose(result.matrices, result.initial_matrices, atol=1e-3)
+    k = 6
+    frame = registrar.register_frame(
+        case.frames[k - 2 : k + 3],
+        pixel_size=(case.pixel_size, case.pixel_size),
+        masks=case.us_kidney_mask[k - 2 : k + 3],
+    )
+    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
+    np.testing.assert_allclose(frame.initial_matrix, result.initial_matrices[k], atol=1e-9)
+    assert frame.loss_terms["loss"] == pytest.approx(result.loss_terms["loss"][k], abs=1e-4)
+
+
+def test_adaptation_runs_its_steps_and_lowers_the_loss(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    centres = [4, 7, 10]
+    before = registrar.evaluate_windows(prepared, centres)
+    record = registrar.adapt(prepared, frames_idx=centres, epochs=4, batch_size=2, lr=2e-3)
+    after = registrar.evaluate_windows(prepared, centres)
+    assert record.steps == 4 * 2 and len(record.loss_history) == 8
+    assert record.frames == (4, 7, 10) and len(record.epoch_losses) == 4
+    assert after.mean() < before.mean()
+    result = registrar.register(prepared)
+    assert result.adaptation == "one-cycle" and result.adaptation_frames == (4, 11)
+    assert result.timing["adaptation_s"] == pytest.approx(record.seconds)
+    registrar.reset()
+    np.testing.assert_allclose(registrar.evaluate_windows(prepared, centres), before, atol=1e-5)
+
+
+def test_strategies_pick_windows_of_the_first_cycle(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    cycles = CycleDetection((3, 11), 8.0, 0.9, True, N_FRAMES, 20.0, False)
+    prepared = dataclasses.replace(prepared, cycles=cycles)
+    five = registrar.adapt(prepared, strategy="five-shot", epochs=1)
+    assert five.frames == tuple(adaptation_frames("five-shot", np.arange(3, 11)).tolist())
+    assert five.cycle == (3, 11) and five.steps == 5 and five.epochs == 1
+    cycle = registrar.adapt(prepared, strategy="one-cycle", epochs=1, batch_size=4)
+    assert cycle.frames == tuple(range(3, 11)) and cycle.steps == 2
+    assert registrar.adaptation is cycle
+
+
+def test_init_builds_the_grid_around_the_given_pose(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    # Flank approach: depth towards the patient's left (+x), columns superior, 20 deg oblique.
+    base = np.stack([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], axis=1)
+    tilt = euler_to_matrix([np.radians(20.0), np.radians(-10.0), 0.0, 0.0, 0.0, 0.0])[:3, :3]
+    pose = make_rigid(tilt @ base, [-150.0, 10.0, -30.0])
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu", init=pose)
+    grid = registrar.grids[0].matrix
+    np.testing.assert_allclose(grid[:3, 1], pose[:3, 1], atol=1e-9)  # y = depth (v)
+    np.testing.assert_allclose(grid[:3, 2], pose[:3, 0], atol=1e-9)  # z = lateral (u)
+    np.testing.assert_allclose(grid[:3, 3], registrar.kidney.centroid, atol=1e-9)
+    result = registrar.register(registrar.prepare(sequence, case.us_kidney_mask, detect=False))
+    angles = rotation_angles_deg(invert_rigid(pose)[None] @ result.initial_matrices)
+    assert angles.max() < 1e-6
+    np.testing.assert_allclose(result.matrices, result.initial_matrices, atol=1e-6)
+    # Per-frame poses of the wrong length are refused.
+    per_frame = Registrar(
+        case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu", init=np.stack([pose] * 3)
+    )
+    with pytest.raises(InputError, match="expected 1"):
+        per_frame.prepare(sequence, case.us_kidney_mask, detect=False)
+
+
+def test_no_breathing_warns_and_falls_back(identity_result: tuple) -> None:
+    _, prepared, result = identity_result
+    assert isinstance(prepared, PreparedSequence)
+    assert prepared.cycles is not None and not prepared.cycles.detected
+    assert result.cycle_starts == [0]
+    assert any("no breathing detected" in w for w in result.warnings)
+
+
+def test_bad_sequences_are_refused(case: SimulatedCase, sequence: UltrasoundSequence) -> None:
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    short = UltrasoundSequence(case.frames[:3].astype(np.float32), sequence.pixel_size)
+    with pytest.raises(InputError, match="fewer than the registration window of 5"):
+        registrar.prepare(short, case.us_kidney_mask[:3])
+    with pytest.raises(InputError, match="no kidney found in any U/S frame"):
+        registrar.prepare(sequence, np.zeros_like(case.us_kidney_mask), detect=False)
+    with pytest.raises(InputError, match="mask grid differs"):
+        registrar.prepare(sequence, case.us_kidney_mask[:, :10], detect=False)
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    with pytest.raises(InputError, match="frame indices"):
+        registrar.adapt(prepared, frames_idx=[N_FRAMES + 2])
+
+
+def _two_kidney_ct() -> tuple[sitk.Image, sitk.Image]:
+    """A 2 mm CT: a body box, kidneys at x = -60 (right) and +60 mm (left)."""
+    z, y, x = np.mgrid[:30, :40, :80].astype(np.float64)
+    hu = np.where((x > 5) & (x < 75) & (y > 5) & (y < 35), 40.0, -1000.0)
+    right = ((x - 10) / 4) ** 2 + ((y - 20) / 5) ** 2 + ((z - 15) / 7) ** 2 <= 1
+    left = ((x - 70) / 4) ** 2 + ((y - 20) / 5) ** 2 + ((z - 15) / 7) ** 2 <= 1
+    ct = sitk.GetImageFromArray(hu.astype(np.float32))
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((-80.0, -40.0, -30.0))
+    mask = sitk.GetImageFromArray((right | left).astype(np.uint8))
+    mask.CopyInformation(ct)
+    return ct, mask
+
+
+def test_kidney_side_choice() -> None:
+    ct, mask = _two_kidney_ct()
+    right = choose_kidney(mask, ct, "auto")
+    assert right.side == "right" and right.candidates == 2
+    np.testing.assert_allclose(right.centroid, [-60.0, 0.0, 0.0], atol=1e-6)
+    left = choose_kidney(mask, ct, "left")
+    np.testing.assert_allclose(left.centroid, [60.0, 0.0, 0.0], atol=1e-6)
+    assert choose_kidney(mask, ct, "auto", near=[90.0, 0.0, 0.0]).side == "left"
+    keep_right = sitk.GetArrayFromImage(mask)
+    keep_right[..., 40:] = 0
+    only_right = sitk.GetImageFromArray(keep_right)
+    only_right.CopyInformation(ct)
+    with pytest.raises(InputError, match="no left kidney found"):
+        choose_kidney(only_right, ct, "left", source="mask.nii.gz")
+    empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ct)
+    with pytest.raises(InputError, match="no kidney found in the CT"):
+        choose_kidney(empty, ct, "auto", empty="the CT feature map is below 0.5 everywhere")
+
+
+def test_ct_without_kidney_is_refused_with_the_feature_network() -> None:
+    from kidneyreg.features.config import feature_config
+    from kidneyreg.features.infer import FeatureModel
+    from kidneyreg.features.ulbnet import ULBNet
+
+    ct, _ = _two_kidney_ct()
+    config = feature_config("ct", "tiny")
+    net = ULBNet(config).eval()
+    with torch.no_grad():
+        net.output.weight.zero_()
+        net.output.bias.fill_(-30.0)  # probability ~0 everywhere
+    model = FeatureModel(net, config, "ct_features.pt", torch.device("cpu"))
+    with pytest.raises(InputError, match=r"below 0\.5 everywhere"):
+        Registrar(ct, tiny_net(), ct_features=model, device="cpu", ct_source="ct.nii.gz")
+
+
+def test_checkpoints(tmp_path: Path) -> None:
+    config = tiny_config()
+    net = tiny_net(identity=False)
+    good = tmp_path / "model.pt"
+    save_checkpoint(
+        good,
+        {"model": net.state_dict(), "config": config.to_dict(), "profile": "tiny"},
+        kind="registration-net",
+    )
+    loaded = load_registration_model(good)
+    assert loaded.profile.name == "tiny" and loaded.profile.window == config.window
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value)
+    with pytest.raises(InputError, match="not 'cpu'"):
+        load_registration_model(good, profile="cpu")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(InputError, match="not a kidneyreg checkpoint"):
+        load_registration_model(foreign)
+    features = tmp_path / "features.pt"
+    save_checkpoint(features, {"model": {}, "config": {}}, kind="feature-net")
+    with pytest.raises(InputError, match="expected a 'registration-net' checkpoint"):
+        load_registration_model(features)
+    broken = tmp_path / "broken.pt"
+    state = dict(net.state_dict())
+    state.pop(next(iter(state)))
+    save_checkpoint(
+        broken,
+        {"model": state, "config": config.to_dict(), "profile": "tiny"},
+        kind="registration-net",
+    )
+    with pytest.raises(InputError, match="weights do not fit"):
+        load_registration_model(broken)
+    with pytest.raises(InputError, match="kidneyreg pretrain"):
+        load_registration_model(None, profile="paper")
