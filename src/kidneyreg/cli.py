@@ -310,6 +310,13 @@ def pretrain(
         Path | None,
         typer.Option("--us-feature-model", help="U/S feature net (--features network)."),
     ] = None,
+    supervision: Annotated[
+        float,
+        typer.Option(
+            "--supervision",
+            help="Weight of each generated pair's known pose (0: the paper's unsupervised loss).",
+        ),
+    ] = 1.0,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Share of patients held out.")
     ] = 0.2,
@@ -357,6 +364,7 @@ def pretrain(
         num_workers=workers,
         features="network" if features == "network" else "masks",
         feature_models=models,
+        supervision=supervision,
         window=window,
         use_mind=not no_mind,
         use_decoder=not no_decoder,

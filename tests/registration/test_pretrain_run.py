@@ -38,6 +38,7 @@ COMMON: dict[str, Any] = {
     "config_overrides": FAST,
     "progress": False,
     "lr": 1e-3,
+    "supervision": 0.0,  # the paper's unsupervised loss unless a test says otherwise
 }
 
 
@@ -73,6 +74,45 @@ def test_tiny_pretraining_lowers_the_loss(cohort: Path, tmp_path: Path) -> None:
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.005, losses
     assert result.val_cases == [] and math.isnan(result.history[-1]["val_mcd_mm"])
+
+
+def test_supervised_pretraining_lowers_the_pose_error(cohort: Path, tmp_path: Path) -> None:
+    result = pretrain(
+        cohort,
+        tmp_path / "supervised.pt",
+        epochs=6,
+        pairs=4,
+        batch_size=2,
+        seed=0,
+        val_fraction=0.0,
+        min_std_deg=8.0,
+        min_std_mm=6.0,
+        **{**COMMON, "lr": 3e-3, "supervision": 1.0},
+    )
+    errors = [row["loss_supervision_mm"] for row in result.history[1:]]
+    assert all(math.isfinite(x) and x > 0 for x in errors)
+    assert errors[-1] < 0.8 * errors[0], errors
+    saved = _state(tmp_path / "supervised.pt")
+    assert saved["training"]["supervision"] == 1.0
+    with pytest.raises(InputError, match="supervision"):
+        pretrain(
+            cohort,
+            tmp_path / "supervised.pt",
+            resume=True,
+            epochs=7,
+            pairs=4,
+            batch_size=2,
+            seed=0,
+            val_fraction=0.0,
+            min_std_deg=8.0,
+            min_std_mm=6.0,
+            **{**COMMON, "lr": 3e-3, "supervision": 0.5},
+        )
+
+
+def test_negative_supervision_is_rejected(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--supervision"):
+        pretrain(cohort, tmp_path / "x.pt", epochs=1, pairs=2, **{**COMMON, "supervision": -1.0})
 
 
 def _state(path: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from kidneyreg.geometry import euler_to_matrix_torch
 from kidneyreg.registration.config import RegistrationConfig
-from kidneyreg.registration.loss import fim_loss, motion_loss, soft_dice
+from kidneyreg.registration.loss import fim_loss, motion_loss, pose_supervision_loss, soft_dice
 from kidneyreg.registration.transformer import embed_window, grid_axis_mm
 
 CONFIG = RegistrationConfig.from_profile("tiny")  # 32 x 56 x 72 at 3.2 mm, Nw = 5
@@ -196,3 +196,33 @@ def test_bad_loss_inputs_raise() -> None:
         fim_loss(torch.eye(4).repeat(1, 5, 1, 1), fixed, moving[..., :16], CONFIG)
     with pytest.raises(ValueError, match="warp"):
         fim_loss(torch.eye(4).repeat(1, 5, 1, 1), fixed, moving, CONFIG, warp="all")  # type: ignore[arg-type]
+
+
+def test_pose_supervision_is_the_mean_corner_displacement() -> None:
+    eye = torch.eye(4).repeat(2, 3, 1, 1)
+    assert pose_supervision_loss(eye, eye).tolist() == pytest.approx([0.0, 0.0], abs=1e-3)
+    # A rotation by 90 degrees about z moves a corner (r, r, z) to (-r, r, z): the distance is
+    # 2 r for every corner.
+    turned = eye.clone()
+    turned[1, :] = euler_to_matrix_torch(torch.tensor([0.0, 0.0, math.pi / 2, 0.0, 0.0, 0.0]))
+    loss = pose_supervision_loss(turned, eye, radius_mm=10.0)
+    assert loss[0].item() == pytest.approx(0.0, abs=1e-3)
+    assert loss[1].item() == pytest.approx(20.0, rel=1e-5)
+    # Translation: every corner moves by the shift.
+    shifted = eye.clone()
+    shifted[..., :3, 3] = torch.tensor([3.0, 4.0, 0.0])
+    assert pose_supervision_loss(shifted, eye).tolist() == pytest.approx([5.0, 5.0])
+
+
+def test_pose_supervision_gradient_is_finite_at_the_truth() -> None:
+    params = torch.zeros(1, 2, 6, requires_grad=True)
+    loss = pose_supervision_loss(euler_to_matrix_torch(params), torch.eye(4).repeat(1, 2, 1, 1))
+    loss.sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+
+
+def test_pose_supervision_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="targets"):
+        pose_supervision_loss(torch.eye(4).repeat(1, 2, 1, 1), torch.eye(4).repeat(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="radius"):
+        pose_supervision_loss(torch.eye(4)[None, None], torch.eye(4)[None, None], radius_mm=0.0)

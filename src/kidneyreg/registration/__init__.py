@@ -14,7 +14,13 @@ Typical use (a training loop)::
 
 from kidneyreg.registration.config import RegistrationConfig
 from kidneyreg.registration.heads import RegressionHead, combine_levels
-from kidneyreg.registration.loss import FIMLossTerms, fim_loss, motion_loss, soft_dice
+from kidneyreg.registration.loss import (
+    FIMLossTerms,
+    fim_loss,
+    motion_loss,
+    pose_supervision_loss,
+    soft_dice,
+)
 from kidneyreg.registration.mind import MIND_OFFSETS, mind_descriptor
 from kidneyreg.registration.network import (
     RegistrationNet,
@@ -45,6 +51,7 @@ __all__ = [
     "mind_descriptor",
     "motion_loss",
     "parameter_counts",
+    "pose_supervision_loss",
     "sample_slab",
     "soft_dice",
     "upsample_x_range",
