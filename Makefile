@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: venv test lint typecheck pytest clean
+.PHONY: venv test lint typecheck pytest clean demo
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ pytest: venv
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# The main job: a synthetic patient registered with the bundled models; opens as
+# demo_output/report.html.
+demo: venv
+	$(BIN)/kidneyreg demo --out demo_output
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

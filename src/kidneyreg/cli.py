@@ -568,6 +568,84 @@ def register(
 
 
 @app.command()
+def demo(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder, replaced by each run (default: demo_output)."),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Seed of the simulated patient (default: a fixed one)."),
+    ] = None,
+    profile: Annotated[
+        str, typer.Option("--profile", help="Resolution profile: paper, cpu or tiny.")
+    ] = "cpu",
+    frames: Annotated[
+        int | None,
+        typer.Option("--frames", help="U/S frames (default: two breathing cycles)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Registration checkpoint (default: the bundled model)."),
+    ] = None,
+    ct_features: Annotated[
+        Path | None,
+        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
+    ] = None,
+    us_features: Annotated[
+        Path | None,
+        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
+    ] = None,
+    no_adapt: Annotated[
+        bool, typer.Option("--no-adapt", help="Skip the transfer learning on the first cycle.")
+    ] = False,
+    video: Annotated[
+        bool, typer.Option("--video/--no-video", help="Write the overlay video.")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """The main job: simulate a patient, register it (one-cycle adaptation), evaluate, report."""
+    from tqdm import tqdm
+
+    from kidneyreg.demo import DEFAULT_OUT, DEFAULT_SEED, DemoSettings, run_demo
+
+    settings = DemoSettings(
+        out=DEFAULT_OUT if out is None else out,
+        seed=DEFAULT_SEED if seed is None else seed,
+        profile=profile,
+        frames=frames,
+        model=model,
+        ct_features=ct_features,
+        us_features=us_features,
+        adapt=not no_adapt,
+        video=video,
+        device=device,
+    )
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            unit = "step" if stage == "adapt" else "frame"
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    with _one_line_warnings():
+        result = run_demo(settings, log=typer.echo, progress=progress)
+    typer.echo("")
+    typer.echo(result.summary_text())
+    timing = result.timings
+    typer.echo(
+        f"adaptation {timing.get('adaptation_s', 0.0):.1f} s, {timing['ms_per_frame']:.0f} ms "
+        f"per frame, total {timing['total_s']:.0f} s"
+    )
+    typer.echo(f"report: {result.report_html}")
+
+
+@app.command()
 def adapt(
     ct: Annotated[Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")],
     us: Annotated[
