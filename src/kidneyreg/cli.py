@@ -323,11 +323,15 @@ def pretrain(
     workers: Annotated[
         int | None, typer.Option("--workers", help="DataLoader workers (default: auto).")
     ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", help="Also write a compact copy of the best model (bundling)."),
+    ] = None,
 ) -> None:
     """Pretrain the registration network on generated pairs (run under torchrun for DDP)."""
     import os
 
-    from kidneyreg.registration.train import log_path
+    from kidneyreg.registration.train import export_model, log_path
     from kidneyreg.registration.train import pretrain as run_pretrain
 
     if profile not in ("paper", "cpu", "tiny"):
@@ -373,6 +377,8 @@ def pretrain(
     )
     if int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(f"wrote {result.checkpoint} and {log_path(result.checkpoint)}")
+        if export is not None:
+            typer.echo(f"wrote {export_model(result.checkpoint, export)}")
 
 
 @contextlib.contextmanager

@@ -92,3 +92,27 @@ def test_segment_file_output_rules(tmp_path: Path, tiny_model: Callable[[str], P
     sitk.WriteImage(image, str(tmp_path / "us.nrrd"))
     with pytest.raises(InputError, match="one frame"):
         segment_file("us", tmp_path / "us.nrrd", tmp_path / "m.png", model=tiny_model("us"))
+
+
+def test_keep_kidney_components_drops_small_look_alikes() -> None:
+    from kidneyreg.features.infer import keep_kidney_components
+
+    probs = np.zeros((20, 20, 40), np.float32)
+    probs[5:12, 5:12, 2:10] = 0.9  # right kidney, 392 voxels
+    probs[5:11, 5:12, 25:33] = 0.8  # left kidney, 336 voxels
+    probs[15:17, 15:17, 15:17] = 0.95  # a small bright blob elsewhere
+    probs[0, 0, 20] = 0.3  # below the threshold, outside the kidneys: zeroed
+    cleaned = keep_kidney_components(probs, margin=1)
+    assert cleaned[8, 8, 5] == pytest.approx(0.9) and cleaned[8, 8, 28] == pytest.approx(0.8)
+    assert cleaned[16, 16, 16] == 0.0 and cleaned[0, 0, 20] == 0.0
+    # Soft borders next to a kept kidney stay (margin).
+    probs[4, 8, 5] = 0.2
+    assert keep_kidney_components(probs, margin=1)[4, 8, 5] == pytest.approx(0.2)
+    # One kidney: a second component far smaller than the first is not kept.
+    single = probs.copy()
+    single[5:11, 5:12, 25:33] = 0.0
+    single[15:17, 15:17, 30:32] = 0.9
+    assert keep_kidney_components(single)[16, 16, 31] == 0.0
+    # Nothing above the threshold: unchanged.
+    empty = np.full((3, 3, 3), 0.1, np.float32)
+    assert np.array_equal(keep_kidney_components(empty), empty)

@@ -242,9 +242,19 @@ def test_cli_pretrain_runs(cohort: Path, tmp_path: Path) -> None:
     args = ["pretrain", "--cohort", str(cohort), "--out", str(out), "--profile", "tiny"]
     args += ["--epochs", "1", "--pairs", "1", "--batch-size", "1", "--device", "cpu"]
     args += ["--window", "3", "--no-mind", "--val-fraction", "0"]
-    outcome = CliRunner().invoke(app, args)
+    export = tmp_path / "cli" / "compact.pt"
+    outcome = CliRunner().invoke(app, [*args, "--export", str(export)])
     assert outcome.exit_code == 0, outcome.output
     assert f"wrote {out}" in outcome.output
     saved = load_checkpoint(out, kind=CHECKPOINT_KIND)
     config = RegistrationConfig.from_dict(saved["config"])
     assert config.window == 3 and not config.use_mind and saved["epoch"] == 1
+    # The compact copy: same weights (no validation, so the last epoch's), no optimizer.
+    compact = load_checkpoint(export, kind=CHECKPOINT_KIND)
+    assert "optimizer" not in compact and compact["training"]["exported_epoch"] == 1
+    assert compact["config"] == saved["config"] and compact["profile"] == "tiny"
+    for name, value in saved["model"].items():
+        assert torch.equal(compact["model"][name], value)
+    from kidneyreg.pipeline import load_registration_model
+
+    assert load_registration_model(export).config.window == 3

@@ -39,9 +39,12 @@ from kidneyreg.io.us import UltrasoundSequence, read_us_sequence
 from kidneyreg.preprocess import normalize_ct, resample_us_frames, window_indices
 
 __all__ = [
+    "KIDNEY_COMPONENTS",
+    "KIDNEY_MIN_FRACTION",
     "FeatureModel",
     "SegmentResult",
     "bundled_model_path",
+    "keep_kidney_components",
     "load_feature_model",
     "predict_ct",
     "predict_ct_array",
@@ -58,6 +61,12 @@ _PICTURE_SUFFIXES = (".png",)
 _OVERLAP = 0.25
 _SW_BATCH = 2  # >= 2 lets PyTorch use its fast CPU convolution (see features.train)
 _FRAMES_PER_BATCH = 4
+
+
+#: Kidney components a CT map keeps (two kidneys), and the smallest kept one's volume relative to
+#: the largest (a look-alike blob is far smaller than a kidney).
+KIDNEY_COMPONENTS = 2
+KIDNEY_MIN_FRACTION = 0.25
 
 
 def bundled_model_path(modality: str, profile: str = "cpu") -> Path:
@@ -191,8 +200,50 @@ def predict_ct_array(model: FeatureModel, volume: NDArray[np.floating]) -> NDArr
     return np.asarray(_sliding(model, inputs)[0, 0].numpy(), dtype=np.float32)
 
 
-def predict_ct(model: FeatureModel, ct: sitk.Image) -> sitk.Image:
+def keep_kidney_components(
+    probs: NDArray[np.floating],
+    *,
+    threshold: float = 0.5,
+    max_components: int = KIDNEY_COMPONENTS,
+    min_fraction: float = KIDNEY_MIN_FRACTION,
+    margin: int = 2,
+) -> NDArray[np.float32]:
+    """Zero a CT probability map outside its kidney-like connected components.
+
+    A whole abdomen holds two kidneys, while a patch-trained network also fires on scattered
+    look-alikes (bowel, spleen, the edges of the scan). The map keeps only the ``max_components``
+    largest components of ``probs >= threshold`` whose volume is at least ``min_fraction`` of the
+    largest (one kidney is kept alone when the second candidate is much smaller), dilated by
+    ``margin`` voxels so their soft borders stay.
+
+    Example:
+        >>> probs = np.zeros((1, 1, 12), np.float32)
+        >>> probs[0, 0, :4] = 0.9; probs[0, 0, 6:9] = 0.8; probs[0, 0, 11] = 0.7
+        >>> (keep_kidney_components(probs, margin=0)[0, 0] > 0).astype(int).tolist()
+        [1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
+    """
+    from scipy import ndimage
+
+    values = np.asarray(probs, dtype=np.float32)
+    labels, count = ndimage.label(values >= threshold)
+    if count == 0:
+        return values.copy()
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:max_components]
+    kept = [int(i) + 1 for i in order if sizes[i] >= min_fraction * sizes[order[0]]]
+    region = np.isin(labels, kept)
+    if margin > 0:
+        region = ndimage.binary_dilation(region, iterations=margin)
+    return np.where(region, values, np.float32(0.0)).astype(np.float32)
+
+
+def predict_ct(model: FeatureModel, ct: sitk.Image, *, clean: bool = True) -> sitk.Image:
     """Kidney probability map (float32, 0..1) of a CT in HU, on the CT's own grid.
+
+    Args:
+        model: A CT feature model.
+        ct: CT in HU.
+        clean: Keep only the kidney-like components (:func:`keep_kidney_components`).
 
     Example:
         >>> model = load_feature_model(modality="ct")  # doctest: +SKIP
@@ -200,6 +251,8 @@ def predict_ct(model: FeatureModel, ct: sitk.Image) -> sitk.Image:
     """
     prepared = prepare_ct_volume(ct, model.config.spacing)
     probs = predict_ct_array(model, normalize_ct(sitk.GetArrayViewFromImage(prepared)))
+    if clean:
+        probs = keep_kidney_components(probs)
     image = sitk.GetImageFromArray(probs)
     image.CopyInformation(prepared)
     back = sitk.Resample(

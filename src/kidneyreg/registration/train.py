@@ -699,6 +699,40 @@ def pretrain(
         teardown_distributed(context, barrier=finished)
 
 
+def export_model(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a compact copy of a pretraining run: the best validation epoch's weights (else the
+    last epoch's), the network configuration, the profile and the training settings, without the
+    optimizer state and history. This is how ``kidneyreg/models/registration_cpu.pt`` is made.
+
+    Raises:
+        InputError: An unreadable or foreign checkpoint.
+
+    Example:
+        >>> export_model("runs/reg.pt", "models/registration_cpu.pt")  # doctest: +SKIP
+    """
+    payload = load_checkpoint(checkpoint, kind=CHECKPOINT_KIND)
+    missing = [key for key in ("model", "config", "profile") if key not in payload]
+    if missing:
+        raise InputError(checkpoint, f"registration checkpoint lacks {', '.join(missing)}")
+    best = payload.get("best")
+    weights = payload["model"]
+    epoch = payload.get("epoch")
+    if isinstance(best, dict) and isinstance(best.get("model"), dict):
+        score = best.get("val_mcd_mm")
+        if isinstance(score, int | float) and math.isfinite(score):
+            weights, epoch = best["model"], best.get("epoch")
+    training = dict(payload.get("training") or {})
+    training["exported_epoch"] = epoch
+    compact = {
+        "model": weights,
+        "config": payload["config"],
+        "profile": payload["profile"],
+        "training": training,
+        "history": payload.get("history", []),
+    }
+    return save_checkpoint(out, compact, kind=CHECKPOINT_KIND)
+
+
 def _summary(row: dict[str, float]) -> str:
     """One log line per epoch."""
     parts = [f"epoch {int(row['epoch'])}"]
