@@ -9,14 +9,15 @@ Steps (each skipped when its result is given or already there, so an interrupted
 3. print Table 1 (Dice, sensitivity, the paper's "specificity" = precision) on the test cohort;
 4. with ``--window-study``, train one U/S network per window size and print Appendix E's table.
 
-The bundled models (``src/kidneyreg/models/features_{ct,us}_cpu.pt``) are reproduced with::
+A quick way to train a pair of models from scratch::
 
     .venv/bin/python benchmarks/bench_features.py --out runs/features --profile cpu \\
-        --train-cases 24 --test-cases 8 --epochs 16 --steps 150 --export src/kidneyreg/models
+        --train-cases 24 --test-cases 8 --epochs 16 --steps 150
 
-which runs exactly ``kidneyreg simulate --out runs/features/train --cases 24 --seed 100`` (test:
-``--cases 8 --seed 200``), ``kidneyreg train-features --modality ct|us --data runs/features/train
---out runs/features/{ct,us}.pt --epochs 16 --steps 150 --seed 0 --export ...``.
+which runs ``kidneyreg simulate --out runs/features/train --cases 24 --seed 100`` (test:
+``--cases 8 --seed 200``) and ``kidneyreg train-features --modality ct|us --data
+runs/features/train --out runs/features/{ct,us}.pt --epochs 16 --steps 150 --seed 0``. The
+bundled models were made with the longer, multi-phase recipe of ``docs/models.md``.
 
 Usage (Table 1 of the bundled models on a fresh test cohort)::
 
