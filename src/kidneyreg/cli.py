@@ -401,6 +401,40 @@ def _one_line_warnings() -> Iterator[None]:
 _KIDNEY_HELP = "Kidney to register: auto (nearest the --init pose, else right), right or left."
 _INIT_HELP = "Coarse initial pose(s) (transforms.json schema: one frame for all, or one per frame)."
 
+# Options shared by register and adapt.
+_CtOption = Annotated[
+    Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")
+]
+_UsOption = Annotated[
+    Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
+]
+_CtMaskOption = Annotated[
+    Path | None, typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network).")
+]
+_UsMaskOption = Annotated[
+    Path | None,
+    typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
+]
+_UsSpacingOption = Annotated[
+    float | None,
+    typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
+]
+_InitOption = Annotated[Path | None, typer.Option("--init", help=_INIT_HELP)]
+_CtFeaturesOption = Annotated[
+    Path | None,
+    typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
+]
+_UsFeaturesOption = Annotated[
+    Path | None,
+    typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
+]
+_DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+_ModelProfileOption = Annotated[
+    str | None,
+    typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
+]
+_KidneyOption = Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)]
+
 
 def _registrar_inputs(
     *,
@@ -467,36 +501,19 @@ def _adapt_progress(bar: Any) -> Callable[[int, int, float], None]:
 
 @app.command()
 def register(
-    ct: Annotated[Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")],
-    us: Annotated[
-        Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
-    ],
+    ct: _CtOption,
+    us: _UsOption,
     out: Annotated[Path, typer.Option("--out", help="Output folder (transforms.json and more).")],
-    ct_mask: Annotated[
-        Path | None,
-        typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network)."),
-    ] = None,
-    us_mask: Annotated[
-        Path | None,
-        typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
-    ] = None,
-    us_spacing: Annotated[
-        float | None,
-        typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
-    ] = None,
-    init: Annotated[Path | None, typer.Option("--init", help=_INIT_HELP)] = None,
+    ct_mask: _CtMaskOption = None,
+    us_mask: _UsMaskOption = None,
+    us_spacing: _UsSpacingOption = None,
+    init: _InitOption = None,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Registration checkpoint (default: the bundled model)."),
     ] = None,
-    ct_features: Annotated[
-        Path | None,
-        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
-    ] = None,
-    us_features: Annotated[
-        Path | None,
-        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
-    ] = None,
+    ct_features: _CtFeaturesOption = None,
+    us_features: _UsFeaturesOption = None,
     no_adapt: Annotated[
         bool, typer.Option("--no-adapt", help="Skip the transfer learning on the first cycle.")
     ] = False,
@@ -508,12 +525,9 @@ def register(
         int | None,
         typer.Option("--adapt-epochs", help="Adaptation epochs (default: the strategy's)."),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    profile: Annotated[
-        str | None,
-        typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
-    ] = None,
-    kidney: Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)] = "auto",
+    device: _DeviceOption = "auto",
+    profile: _ModelProfileOption = None,
+    kidney: _KidneyOption = "auto",
     video: Annotated[
         bool, typer.Option("--video/--no-video", help="Write overlays/overlay.mp4.")
     ] = True,
@@ -594,14 +608,8 @@ def demo(
         Path | None,
         typer.Option("--model", help="Registration checkpoint (default: the bundled model)."),
     ] = None,
-    ct_features: Annotated[
-        Path | None,
-        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
-    ] = None,
-    us_features: Annotated[
-        Path | None,
-        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
-    ] = None,
+    ct_features: _CtFeaturesOption = None,
+    us_features: _UsFeaturesOption = None,
     no_adapt: Annotated[
         bool, typer.Option("--no-adapt", help="Skip the transfer learning on the first cycle.")
     ] = False,
@@ -653,33 +661,16 @@ def demo(
 
 @app.command()
 def adapt(
-    ct: Annotated[Path, typer.Option("--ct", help="CT volume (NIfTI/NRRD/MHA or DICOM folder).")],
-    us: Annotated[
-        Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
-    ],
+    ct: _CtOption,
+    us: _UsOption,
     model: Annotated[Path, typer.Option("--model", help="Pretrained registration checkpoint.")],
     out: Annotated[Path, typer.Option("--out", help="Adapted checkpoint to write (.pt).")],
-    ct_mask: Annotated[
-        Path | None,
-        typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network)."),
-    ] = None,
-    us_mask: Annotated[
-        Path | None,
-        typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
-    ] = None,
-    us_spacing: Annotated[
-        float | None,
-        typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
-    ] = None,
-    init: Annotated[Path | None, typer.Option("--init", help=_INIT_HELP)] = None,
-    ct_features: Annotated[
-        Path | None,
-        typer.Option("--ct-features", help="CT feature-net checkpoint (default: bundled)."),
-    ] = None,
-    us_features: Annotated[
-        Path | None,
-        typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
-    ] = None,
+    ct_mask: _CtMaskOption = None,
+    us_mask: _UsMaskOption = None,
+    us_spacing: _UsSpacingOption = None,
+    init: _InitOption = None,
+    ct_features: _CtFeaturesOption = None,
+    us_features: _UsFeaturesOption = None,
     strategy: Annotated[
         str,
         typer.Option("--strategy", help="one-cycle (2 epochs), one-shot or five-shot (5)."),
@@ -687,12 +678,9 @@ def adapt(
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs (default: the strategy's).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    profile: Annotated[
-        str | None,
-        typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
-    ] = None,
-    kidney: Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)] = "auto",
+    device: _DeviceOption = "auto",
+    profile: _ModelProfileOption = None,
+    kidney: _KidneyOption = "auto",
 ) -> None:
     """Fine-tune a pretrained model on the first breathing cycle of a sequence and save it."""
     from tqdm import tqdm
