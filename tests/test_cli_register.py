@@ -88,12 +88,13 @@ def test_register_writes_every_output(files: dict[str, Path]) -> None:
     torch.set_num_threads(1)
     out = files["root"] / "out"
     argv = _args(files, out, "--adapt-strategy", "one-shot", "--adapt-epochs", "1", "--no-video")
-    result = runner.invoke(app, argv)
+    result = runner.invoke(app, [*argv, "--refinements", "2"])
     assert result.exit_code == 0, result.output
     assert "warning: no breathing detected" in result.output
     transforms = read_transforms_json(out / "transforms.json", expected_frames=N_FRAMES)
     assert transforms.extras["adaptation"]["mode"] == "one-shot"
     assert transforms.extras["kidney"]["side"] == "right"
+    assert transforms.extras["refinements"] == 2
     assert set(transforms.frame_extras[0]["confidence"]) == {"loss", "dice", "mind", "motion"}
     assert len(list((out / "tfm").glob("frame_*.tfm"))) == N_FRAMES
     for name in ("parameters.csv", "ct_planes.nii.gz", "overlays/montage.png", "timing.json"):
@@ -179,6 +180,8 @@ def test_bad_models_are_one_line_errors(
     argv[argv.index(str(files["model"]))] = str(foreign)
     line = _error_line(argv, monkeypatch, capsys)
     assert line == f"error: {foreign}: is not a kidneyreg checkpoint (foreign PyTorch file)"
+    line = _error_line([*_args(files, out), "--refinements", "-1"], monkeypatch, capsys)
+    assert line == "error: --refinements: must be >= 0, got -1"
     if not bundled_registration_path("tiny").is_file():
         argv = _args(files, out, "--profile", "tiny")
         index = argv.index("--model")

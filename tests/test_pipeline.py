@@ -298,3 +298,31 @@ def test_checkpoints(tmp_path: Path) -> None:
         load_registration_model(broken)
     with pytest.raises(InputError, match="kidneyreg pretrain"):
         load_registration_model(None, profile="paper")
+
+
+def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    from kidneyreg.registration.pairs import sample_grid
+    from kidneyreg.registration.transformer import embed_window
+
+    net = tiny_net(identity=False, seed=3)
+    single = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
+    prepared = single.prepare(sequence, case.us_kidney_mask, detect=False)
+    first = single.register(prepared).matrices
+    refined = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=1)
+    second = refined.register(prepared)
+    assert second.extras["refinements"] == 1
+    k = 5
+    compact, P = single._window(prepared, k)
+    moved = first[k] @ np.linalg.inv(P)
+    moving = sample_grid(
+        single._cache, single._cache_origin, single.profile.spacing, moved, single.profile
+    ).clamp(0.0, 1.0)
+    fixed = embed_window(compact[None], single.profile.volume_shape[0])
+    with torch.inference_mode():
+        D = single.net(fixed, moving[None]).matrices[0, 2].double().numpy()
+    np.testing.assert_allclose(second.matrices[k], moved @ D @ P, atol=1e-4)
+    assert not np.allclose(second.matrices[k], first[k], atol=1e-3)
+    with pytest.raises(ValueError, match="refinements"):
+        Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)

@@ -450,6 +450,7 @@ def _registrar_inputs(
     device: str,
     profile: str | None,
     kidney: str,
+    refinements: int | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Read every input and build the registrar: ``(registrar, ct image, sequence, us masks)``.
 
@@ -458,8 +459,15 @@ def _registrar_inputs(
     from kidneyreg.io.image import read_ct, read_mask
     from kidneyreg.io.transforms import read_transforms_json
     from kidneyreg.io.us import read_us_mask, read_us_sequence
-    from kidneyreg.pipeline import KIDNEY_CHOICES, Registrar, load_registration_model
+    from kidneyreg.pipeline import (
+        DEFAULT_REFINEMENTS,
+        KIDNEY_CHOICES,
+        Registrar,
+        load_registration_model,
+    )
 
+    if refinements is not None and refinements < 0:
+        raise InputError("--refinements", f"must be >= 0, got {refinements}")
     if profile is not None and profile not in ("paper", "cpu", "tiny"):
         raise InputError("--profile", f"must be paper, cpu or tiny, got {profile!r}")
     if kidney not in KIDNEY_CHOICES:
@@ -483,6 +491,7 @@ def _registrar_inputs(
         device=device,
         init=init_poses,
         kidney=kidney,
+        refinements=DEFAULT_REFINEMENTS if refinements is None else refinements,
         ct_source=str(ct),
         ct_mask_source=str(ct_mask),
         log=typer.echo,
@@ -531,6 +540,14 @@ def register(
     video: Annotated[
         bool, typer.Option("--video/--no-video", help="Write overlays/overlay.mp4.")
     ] = True,
+    refinements: Annotated[
+        int | None,
+        typer.Option(
+            "--refinements",
+            help="Extra network passes per frame on the CT moved by the last estimate "
+            "(default 1; 0: the paper's single pass).",
+        ),
+    ] = None,
 ) -> None:
     """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
     from tqdm import tqdm
@@ -556,6 +573,7 @@ def register(
             device=device,
             profile=profile,
             kidney=kidney,
+            refinements=refinements,
         )
         prepared = registrar.prepare(sequence, masks)
         if not no_adapt:

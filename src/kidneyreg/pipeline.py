@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from kidneyreg.features.infer import FeatureModel
 
 __all__ = [
+    "DEFAULT_REFINEMENTS",
     "FEATURE_THRESHOLD",
     "KIDNEY_CHOICES",
     "FrameRegistration",
@@ -127,6 +128,9 @@ _CACHE_MARGIN_VOXELS = 2
 # Rotation entries are compared at this precision when grouping frames by initial pose.
 _ROTATION_DECIMALS = 9
 _REGISTRATION_KIND = "registration-net"
+#: Extra network passes per frame by default (see Registrar): on held-out simulated patients a
+#: second pass lowered the TRE of the bundled model further on every case tried.
+DEFAULT_REFINEMENTS = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,6 +542,10 @@ class Registrar:
             :class:`TransformSequence` (``--init``); None: the default sagittal pose.
         kidney: ``"auto"``, ``"right"`` or ``"left"`` (module docstring).
         batch_size: Windows per network call when registering; None: 2 on CPU, 16 on a GPU.
+        refinements: Extra network passes per frame when registering: pass ``r + 1`` resamples
+            the CT on the grid moved by pass ``r``'s estimate of the window's middle frame and
+            composes the new estimate with it (0: the paper's single pass). Each pass costs one
+            more network call and CT resampling per frame.
         ct_source: Name of the CT (file) in messages.
         ct_mask_source: Name of the CT mask (file) in messages.
         log: Called with one-line progress messages.
@@ -565,6 +573,7 @@ class Registrar:
         init: ArrayLike | TransformSequence | None = None,
         kidney: str = "auto",
         batch_size: int | None = None,
+        refinements: int = DEFAULT_REFINEMENTS,
         ct_source: str = "CT",
         ct_mask_source: str = "CT kidney mask",
         log: Callable[[str], None] | None = None,
@@ -588,6 +597,9 @@ class Registrar:
             if batch_size
             else (_GPU_BATCH if self.device.type == "cuda" else _CPU_BATCH)
         )
+        if int(refinements) < 0:
+            raise ValueError(f"refinements must be >= 0, got {refinements}")
+        self.refinements = int(refinements)
         self.init = _init_sequence(init)
         self.ct = ct
         self.ct_source = ct_source
@@ -942,6 +954,30 @@ class Registrar:
         }
         return np.asarray(matrices, dtype=np.float64), values
 
+    def _infer_refined(
+        self, batch: _WindowBatch
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
+        """:meth:`_infer`, then :attr:`refinements` passes on grids moved by the estimate.
+
+        Pass ``r + 1`` samples the CT on ``G' = M @ P^-1`` (the grid moved by the middle frame's
+        estimate ``M = G @ D @ P``) and its output ``D'`` gives ``M' = G' @ D' @ P``. The loss
+        terms are those of the last pass.
+        """
+        matrices, values = self._infer(batch)
+        for _ in range(self.refinements):
+            grids = matrices @ np.linalg.inv(batch.P_mid)
+            moving = torch.stack(
+                [
+                    sample_grid(
+                        self._cache, self._cache_origin, self.profile.spacing, grid, self.profile
+                    ).clamp_(0.0, 1.0)
+                    for grid in grids
+                ]
+            ).to(self.device)
+            batch = _WindowBatch(batch.fixed, moving, grids, batch.P_mid)
+            matrices, values = self._infer(batch)
+        return matrices, values
+
     def initial_alignment(self, prepared: PreparedSequence) -> NDArray[np.float64]:
         """``(n, 4, 4)`` initial poses ``G @ P`` (U/S kidney centroid on CT kidney centroid).
 
@@ -1109,7 +1145,7 @@ class Registrar:
         for first in range(0, n, self.batch_size):
             centres = list(range(first, min(n, first + self.batch_size)))
             batch = self._batch(prepared, centres)
-            matrices[first : first + len(centres)], values = self._infer(batch)
+            matrices[first : first + len(centres)], values = self._infer_refined(batch)
             for name, value in values.items():
                 terms.setdefault(name, []).append(value)
             if progress is not None:
@@ -1129,6 +1165,7 @@ class Registrar:
             "feature_source": {"ct": self.feature_source_ct, "us": prepared.feature_source},
             "initial_pose": "default sagittal" if self.init is None else self.init.source,
             "batch_size": self.batch_size,
+            "refinements": self.refinements,
         }
         if prepared.cycles is not None:
             extras["cycles"] = prepared.cycles.to_dict()
@@ -1204,7 +1241,7 @@ class Registrar:
             self.grids[grid_id].matrix[None],
             P[None],
         )
-        matrices, values = self._infer(batch)
+        matrices, values = self._infer_refined(batch)
         return FrameRegistration(
             matrix=matrices[0],
             initial_matrix=self.grids[grid_id].to_world_matrix(P),

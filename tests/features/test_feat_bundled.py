@@ -13,7 +13,6 @@ from kidneyreg.features.infer import bundled_model_path, load_feature_model, pre
 from kidneyreg.features.metrics import dice
 from kidneyreg.io.image import read_ct, read_mask
 
-
 REAL_CT_DICE_FLOOR = 0.6
 
 
