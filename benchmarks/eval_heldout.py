@@ -35,7 +35,7 @@ from kidneyreg.evaluation.evaluate import evaluate_frames
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import Registrar, load_registration_model
+from kidneyreg.pipeline import DEFAULT_REFINEMENTS, Registrar, load_registration_model
 
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 
@@ -44,7 +44,9 @@ def _scores(values: dict[str, Any], frames: np.ndarray) -> dict[str, float]:
     return {name: float(np.nanmean(np.asarray(values[name])[frames])) for name in METRICS}
 
 
-def evaluate_case(case: Path, model: Any, *, adapt: bool, features: str) -> dict[str, Any]:
+def evaluate_case(
+    case: Path, model: Any, *, adapt: bool, features: str, refinements: int
+) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``."""
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -54,7 +56,12 @@ def evaluate_case(case: Path, model: Any, *, adapt: bool, features: str) -> dict
     info = json.loads((case / "case.json").read_text(encoding="utf-8"))
     with_masks = features == "masks"
     registrar = Registrar(
-        ct, model, ct_mask=ct_mask if with_masks else None, device="cpu", kidney=info["kidney"]
+        ct,
+        model,
+        ct_mask=ct_mask if with_masks else None,
+        device="cpu",
+        kidney=info["kidney"],
+        refinements=refinements,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,6 +114,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
     parser.add_argument("--adapt", action="store_true", help="also one-cycle adaptation")
     parser.add_argument("--features", choices=("masks", "network"), default="masks")
+    parser.add_argument(
+        "--refinements", type=int, default=DEFAULT_REFINEMENTS, help="extra passes per frame"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -115,7 +125,9 @@ def main() -> None:
     rows = []
     for cohort in args.cohort:
         for case in sorted(p for p in cohort.iterdir() if (p / "case.json").is_file()):
-            row = evaluate_case(case, model, adapt=args.adapt, features=args.features)
+            row = evaluate_case(
+                case, model, adapt=args.adapt, features=args.features, refinements=args.refinements
+            )
             rows.append(row)
             print(
                 f"{case} ({row['group']}): TRE "
@@ -127,7 +139,7 @@ def main() -> None:
                 flush=True,
             )
     methods = ["initial", "pretrained"] + (["adapted"] if args.adapt else [])
-    print(f"\nmodel {model.source}, features {args.features}\n")
+    print(f"\nmodel {model.source}, features {args.features}, refinements {args.refinements}\n")
     print(_table(rows, methods))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
