@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT
 from kidneyreg.evaluation.evaluate import evaluate_frames
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
@@ -45,7 +46,13 @@ def _scores(values: dict[str, Any], frames: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_case(
-    case: Path, model: Any, *, adapt: bool, features: str, refinements: int
+    case: Path,
+    model: Any,
+    *,
+    adapt: bool,
+    features: str,
+    refinements: int,
+    anchor: float = DEFAULT_ANCHOR_WEIGHT,
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``."""
     ct = read_ct(case / "ct.nii.gz")
@@ -72,7 +79,7 @@ def evaluate_case(
     seconds = 0.0
     if adapt:
         started = time.perf_counter()
-        record = registrar.adapt(prepared)
+        record = registrar.adapt(prepared, anchor_weight=anchor)
         seconds = time.perf_counter() - started
         poses["adapted"] = registrar.register(prepared)
         frames = np.arange(record.frame_range[1], sequence.n_frames)
@@ -117,6 +124,9 @@ def main() -> None:
     parser.add_argument(
         "--refinements", type=int, default=DEFAULT_REFINEMENTS, help="extra passes per frame"
     )
+    parser.add_argument(
+        "--anchor", type=float, default=DEFAULT_ANCHOR_WEIGHT, help="adaptation anchor weight"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -126,7 +136,12 @@ def main() -> None:
     for cohort in args.cohort:
         for case in sorted(p for p in cohort.iterdir() if (p / "case.json").is_file()):
             row = evaluate_case(
-                case, model, adapt=args.adapt, features=args.features, refinements=args.refinements
+                case,
+                model,
+                adapt=args.adapt,
+                features=args.features,
+                refinements=args.refinements,
+                anchor=args.anchor,
             )
             rows.append(row)
             print(

@@ -88,7 +88,7 @@ def test_register_writes_every_output(files: dict[str, Path]) -> None:
     torch.set_num_threads(1)
     out = files["root"] / "out"
     argv = _args(files, out, "--adapt-strategy", "one-shot", "--adapt-epochs", "1", "--no-video")
-    result = runner.invoke(app, [*argv, "--refinements", "2"])
+    result = runner.invoke(app, [*argv, "--refinements", "2", "--anchor", "0.5"])
     assert result.exit_code == 0, result.output
     assert "warning: no breathing detected" in result.output
     transforms = read_transforms_json(out / "transforms.json", expected_frames=N_FRAMES)
@@ -182,6 +182,8 @@ def test_bad_models_are_one_line_errors(
     assert line == f"error: {foreign}: is not a kidneyreg checkpoint (foreign PyTorch file)"
     line = _error_line([*_args(files, out), "--refinements", "-1"], monkeypatch, capsys)
     assert line == "error: --refinements: must be >= 0, got -1"
+    line = _error_line([*_args(files, out), "--anchor", "-1"], monkeypatch, capsys)
+    assert line == "error: --anchor: must be >= 0, got -1.0"
     if not bundled_registration_path("tiny").is_file():
         argv = _args(files, out, "--profile", "tiny")
         index = argv.index("--model")

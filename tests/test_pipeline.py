@@ -326,3 +326,24 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     assert not np.allclose(second.matrices[k], first[k], atol=1e-3)
     with pytest.raises(ValueError, match="refinements"):
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
+
+
+def test_anchor_keeps_the_adapted_estimates_near_the_pretrained_ones(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar = Registrar(
+        case.ct, tiny_net(identity=False, seed=1), ct_mask=case.ct_kidney_mask, device="cpu"
+    )
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    centres = [4, 7, 10]
+    start = registrar.register(prepared).matrices
+    drift = {}
+    for weight in (0.0, 50.0):
+        registrar.reset()
+        registrar.adapt(prepared, frames_idx=centres, epochs=4, lr=5e-3, anchor_weight=weight)
+        moved = registrar.register(prepared).matrices - start
+        drift[weight] = float(np.abs(moved[:, :3, 3]).mean())
+    assert drift[0.0] > 0
+    assert drift[50.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(ValueError, match="anchor_weight"):
+        registrar.adapt(prepared, frames_idx=centres, epochs=1, anchor_weight=-1.0)

@@ -540,6 +540,13 @@ def register(
     video: Annotated[
         bool, typer.Option("--video/--no-video", help="Write overlays/overlay.mp4.")
     ] = True,
+    anchor: Annotated[
+        float | None,
+        typer.Option(
+            "--anchor",
+            help="Adaptation pull towards the pretrained estimates (default 0.1; 0: the paper's).",
+        ),
+    ] = None,
     refinements: Annotated[
         int | None,
         typer.Option(
@@ -552,13 +559,15 @@ def register(
     """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
     from tqdm import tqdm
 
-    from kidneyreg.adapt import STRATEGIES
+    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT, STRATEGIES
     from kidneyreg.results import write_registration_outputs
 
     if adapt_strategy not in STRATEGIES:
         raise InputError("--adapt-strategy", f"must be one of {', '.join(STRATEGIES)}")
     if adapt_epochs is not None and adapt_epochs < 1:
         raise InputError("--adapt-epochs", f"must be at least 1, got {adapt_epochs}")
+    if anchor is not None and not anchor >= 0:
+        raise InputError("--anchor", f"must be >= 0, got {anchor}")
     with _one_line_warnings():
         registrar, ct_image, sequence, masks = _registrar_inputs(
             ct=ct,
@@ -582,6 +591,7 @@ def register(
                     prepared,
                     strategy=adapt_strategy,
                     epochs=adapt_epochs,
+                    anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
                     progress=_adapt_progress(adapt_bar),
                 )
         with tqdm(total=sequence.n_frames, desc="register", unit="frame") as bar:

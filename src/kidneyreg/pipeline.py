@@ -60,6 +60,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from kidneyreg.adapt import (
     DEFAULT_ADAPT_LR,
+    DEFAULT_ANCHOR_WEIGHT,
     AdaptationRecord,
     adaptation_frames,
     check_strategy,
@@ -1024,6 +1025,7 @@ class Registrar:
         lr: float = DEFAULT_ADAPT_LR,
         batch_size: int = 1,
         seed: int = 0,
+        anchor_weight: float = DEFAULT_ANCHOR_WEIGHT,
         progress: Callable[[int, int, float], None] | None = None,
     ) -> AdaptationRecord:
         """Fine-tune the model on windows of the sequence's first breathing cycle (unsupervised).
@@ -1038,6 +1040,8 @@ class Registrar:
             lr: Adam learning rate.
             batch_size: Windows per step.
             seed: Seed of the window order.
+            anchor_weight: Pull towards the model's estimates before adaptation
+                (:func:`kidneyreg.adapt.fine_tune`; 0: the paper's pure FIM loss).
             progress: Called after every step with ``(step, total, loss)``.
 
         Returns:
@@ -1093,6 +1097,7 @@ class Registrar:
             lr=lr,
             batch_size=batch_size,
             seed=seed,
+            anchor_weight=anchor_weight,
             progress=progress,
         )
         self.adaptation = AdaptationRecord(
