@@ -55,20 +55,23 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cohort(tmp_path_factory.mktemp("pretrain") / "cohort", n_cases=3, seed=4)
 
 
+# Six epochs of the same 4 pairs, with wide offsets (floors of 8 deg / 6 mm) so that there is
+# something to correct.
+LEARNING: dict[str, Any] = {
+    "epochs": 6,
+    "pairs": 4,
+    "batch_size": 2,
+    "seed": 0,
+    "val_fraction": 0.0,
+    "min_std_deg": 8.0,
+    "min_std_mm": 6.0,
+    **COMMON,
+    "lr": 3e-3,
+}
+
+
 def test_tiny_pretraining_lowers_the_loss(cohort: Path, tmp_path: Path) -> None:
-    # Wide offsets (floors of 8 deg / 6 mm) so that there is something to correct.
-    result = pretrain(
-        cohort,
-        tmp_path / "model.pt",
-        epochs=6,
-        pairs=4,
-        batch_size=2,
-        seed=0,
-        val_fraction=0.0,
-        min_std_deg=8.0,
-        min_std_mm=6.0,
-        **{**COMMON, "lr": 3e-3},
-    )
+    result = pretrain(cohort, tmp_path / "model.pt", **LEARNING)
     # The same 4 pairs every epoch: without learning the epoch loss would not change at all.
     losses = [row["loss"] for row in result.history[1:]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
@@ -77,37 +80,15 @@ def test_tiny_pretraining_lowers_the_loss(cohort: Path, tmp_path: Path) -> None:
 
 
 def test_supervised_pretraining_lowers_the_pose_error(cohort: Path, tmp_path: Path) -> None:
-    result = pretrain(
-        cohort,
-        tmp_path / "supervised.pt",
-        epochs=6,
-        pairs=4,
-        batch_size=2,
-        seed=0,
-        val_fraction=0.0,
-        min_std_deg=8.0,
-        min_std_mm=6.0,
-        **{**COMMON, "lr": 3e-3, "supervision": 1.0},
-    )
+    result = pretrain(cohort, tmp_path / "supervised.pt", **{**LEARNING, "supervision": 1.0})
     errors = [row["loss_supervision_mm"] for row in result.history[1:]]
     assert all(math.isfinite(x) and x > 0 for x in errors)
     assert errors[-1] < 0.8 * errors[0], errors
     saved = _state(tmp_path / "supervised.pt")
     assert saved["training"]["supervision"] == 1.0
     with pytest.raises(InputError, match="supervision"):
-        pretrain(
-            cohort,
-            tmp_path / "supervised.pt",
-            resume=True,
-            epochs=7,
-            pairs=4,
-            batch_size=2,
-            seed=0,
-            val_fraction=0.0,
-            min_std_deg=8.0,
-            min_std_mm=6.0,
-            **{**COMMON, "lr": 3e-3, "supervision": 0.5},
-        )
+        settings = {**LEARNING, "epochs": 7, "supervision": 0.5}
+        pretrain(cohort, tmp_path / "supervised.pt", resume=True, **settings)
 
 
 def test_negative_supervision_is_rejected(cohort: Path, tmp_path: Path) -> None:
