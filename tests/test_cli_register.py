@@ -128,6 +128,8 @@ def test_adapt_saves_a_loadable_model(files: dict[str, Path]) -> None:
         "2",
         "--device",
         "cpu",
+        "--anchor",
+        "0",
     ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output

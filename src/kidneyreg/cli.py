@@ -434,6 +434,13 @@ _ModelProfileOption = Annotated[
     typer.Option("--profile", help="paper, cpu or tiny (default: the model's profile)."),
 ]
 _KidneyOption = Annotated[str, typer.Option("--kidney", help=_KIDNEY_HELP)]
+_AnchorOption = Annotated[
+    float | None,
+    typer.Option(
+        "--anchor",
+        help="Adaptation pull towards the pretrained estimates (default 0.1; 0: the paper's).",
+    ),
+]
 
 
 def _registrar_inputs(
@@ -540,13 +547,7 @@ def register(
     video: Annotated[
         bool, typer.Option("--video/--no-video", help="Write overlays/overlay.mp4.")
     ] = True,
-    anchor: Annotated[
-        float | None,
-        typer.Option(
-            "--anchor",
-            help="Adaptation pull towards the pretrained estimates (default 0.1; 0: the paper's).",
-        ),
-    ] = None,
+    anchor: _AnchorOption = None,
     refinements: Annotated[
         int | None,
         typer.Option(
@@ -709,16 +710,19 @@ def adapt(
     device: _DeviceOption = "auto",
     profile: _ModelProfileOption = None,
     kidney: _KidneyOption = "auto",
+    anchor: _AnchorOption = None,
 ) -> None:
     """Fine-tune a pretrained model on the first breathing cycle of a sequence and save it."""
     from tqdm import tqdm
 
-    from kidneyreg.adapt import STRATEGIES, save_adapted_model
+    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT, STRATEGIES, save_adapted_model
 
     if strategy not in STRATEGIES:
         raise InputError("--strategy", f"must be one of {', '.join(STRATEGIES)}")
     if epochs is not None and epochs < 1:
         raise InputError("--epochs", f"must be at least 1, got {epochs}")
+    if anchor is not None and not anchor >= 0:
+        raise InputError("--anchor", f"must be >= 0, got {anchor}")
     with _one_line_warnings():
         registrar, _, sequence, masks = _registrar_inputs(
             ct=ct,
@@ -737,7 +741,11 @@ def adapt(
         prepared = registrar.prepare(sequence, masks)
         with tqdm(desc="adapt", unit="step") as bar:
             record = registrar.adapt(
-                prepared, strategy=strategy, epochs=epochs, progress=_adapt_progress(bar)
+                prepared,
+                strategy=strategy,
+                epochs=epochs,
+                anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
+                progress=_adapt_progress(bar),
             )
         save_adapted_model(
             out,
