@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -506,13 +506,42 @@ def _registrar_inputs(
     return registrar, ct_image, sequence, masks
 
 
-def _adapt_progress(bar: Any) -> Callable[[int, int, float], None]:
-    def update(step: int, total: int, loss: float) -> None:
-        bar.total = total
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
+def _check_adapt_options(
+    strategy: str, epochs: int | None, anchor: float | None, *, prefix: str = ""
+) -> None:
+    """Validate the adaptation options of ``register`` (``prefix="adapt-"``) and ``adapt``."""
+    from kidneyreg.adapt import STRATEGIES
 
-    return update
+    if strategy not in STRATEGIES:
+        raise InputError(f"--{prefix}strategy", f"must be one of {', '.join(STRATEGIES)}")
+    if epochs is not None and epochs < 1:
+        raise InputError(f"--{prefix}epochs", f"must be at least 1, got {epochs}")
+    if anchor is not None and not anchor >= 0:
+        raise InputError("--anchor", f"must be >= 0, got {anchor}")
+
+
+def _adapt_with_progress(
+    registrar: Any, prepared: Any, strategy: str, epochs: int | None, anchor: float | None
+) -> Any:
+    """Run :meth:`Registrar.adapt` under a progress bar; returns its record."""
+    from tqdm import tqdm
+
+    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT
+
+    with tqdm(desc="adapt", unit="step") as bar:
+
+        def update(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        return registrar.adapt(
+            prepared,
+            strategy=strategy,
+            epochs=epochs,
+            anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
+            progress=update,
+        )
 
 
 @app.command()
@@ -560,15 +589,9 @@ def register(
     """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
     from tqdm import tqdm
 
-    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT, STRATEGIES
     from kidneyreg.results import write_registration_outputs
 
-    if adapt_strategy not in STRATEGIES:
-        raise InputError("--adapt-strategy", f"must be one of {', '.join(STRATEGIES)}")
-    if adapt_epochs is not None and adapt_epochs < 1:
-        raise InputError("--adapt-epochs", f"must be at least 1, got {adapt_epochs}")
-    if anchor is not None and not anchor >= 0:
-        raise InputError("--anchor", f"must be >= 0, got {anchor}")
+    _check_adapt_options(adapt_strategy, adapt_epochs, anchor, prefix="adapt-")
     with _one_line_warnings():
         registrar, ct_image, sequence, masks = _registrar_inputs(
             ct=ct,
@@ -587,14 +610,7 @@ def register(
         )
         prepared = registrar.prepare(sequence, masks)
         if not no_adapt:
-            with tqdm(desc="adapt", unit="step") as adapt_bar:
-                registrar.adapt(
-                    prepared,
-                    strategy=adapt_strategy,
-                    epochs=adapt_epochs,
-                    anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
-                    progress=_adapt_progress(adapt_bar),
-                )
+            _adapt_with_progress(registrar, prepared, adapt_strategy, adapt_epochs, anchor)
         with tqdm(total=sequence.n_frames, desc="register", unit="frame") as bar:
             result = registrar.register(
                 prepared, progress=lambda done, _n: bar.update(done - bar.n)
@@ -713,16 +729,9 @@ def adapt(
     anchor: _AnchorOption = None,
 ) -> None:
     """Fine-tune a pretrained model on the first breathing cycle of a sequence and save it."""
-    from tqdm import tqdm
+    from kidneyreg.adapt import save_adapted_model
 
-    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT, STRATEGIES, save_adapted_model
-
-    if strategy not in STRATEGIES:
-        raise InputError("--strategy", f"must be one of {', '.join(STRATEGIES)}")
-    if epochs is not None and epochs < 1:
-        raise InputError("--epochs", f"must be at least 1, got {epochs}")
-    if anchor is not None and not anchor >= 0:
-        raise InputError("--anchor", f"must be >= 0, got {anchor}")
+    _check_adapt_options(strategy, epochs, anchor)
     with _one_line_warnings():
         registrar, _, sequence, masks = _registrar_inputs(
             ct=ct,
@@ -739,14 +748,7 @@ def adapt(
             kidney=kidney,
         )
         prepared = registrar.prepare(sequence, masks)
-        with tqdm(desc="adapt", unit="step") as bar:
-            record = registrar.adapt(
-                prepared,
-                strategy=strategy,
-                epochs=epochs,
-                anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
-                progress=_adapt_progress(bar),
-            )
+        record = _adapt_with_progress(registrar, prepared, strategy, epochs, anchor)
         save_adapted_model(
             out,
             registrar.net,
