@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from kidneyreg import pipeline
 from kidneyreg.adapt import adaptation_frames
 from kidneyreg.checkpoint import save_checkpoint
 from kidneyreg.cycles import BreathingNotDetectedWarning, CycleDetection
@@ -301,11 +302,14 @@ def test_checkpoints(tmp_path: Path) -> None:
 
 
 def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
-    case: SimulatedCase, sequence: UltrasoundSequence
+    case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kidneyreg.registration.pairs import sample_grid
     from kidneyreg.registration.transformer import embed_window
 
+    # No reuse of nearby refinement grids: every frame gets its own moved grid.
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", 0.0)
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", 0.0)
     net = tiny_net(identity=False, seed=3)
     single = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
     prepared = single.prepare(sequence, case.us_kidney_mask, detect=False)
@@ -324,6 +328,7 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
         D = single.net(fixed, moving[None]).matrices[0, 2].double().numpy()
     np.testing.assert_allclose(second.matrices[k], moved @ D @ P, atol=1e-4)
     assert not np.allclose(second.matrices[k], first[k], atol=1e-3)
+    assert second.extras["refinement_volumes"] == prepared.n_frames
     with pytest.raises(ValueError, match="refinements"):
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
 
@@ -347,3 +352,23 @@ def test_anchor_keeps_the_adapted_estimates_near_the_pretrained_ones(
     assert drift[50.0] < 0.5 * drift[0.0], drift
     with pytest.raises(ValueError, match="anchor_weight"):
         registrar.adapt(prepared, frames_idx=centres, epochs=1, anchor_weight=-1.0)
+
+
+def test_refinement_grids_are_shared_between_nearby_frames(
+    case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = tiny_net(identity=False, seed=3)
+    registrar = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=1)
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    shared = registrar.register(prepared)
+    # Fewer resampled CT volumes than frames, and registering again gives the same poses.
+    assert 1 <= shared.extras["refinement_volumes"] < prepared.n_frames
+    np.testing.assert_array_equal(registrar.register(prepared).matrices, shared.matrices)
+    # Sharing a grid within the tolerance changes the poses by less than the tolerance.
+    tolerance_mm = pipeline.REFINEMENT_REUSE_MM
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", 0.0)
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", 0.0)
+    own = registrar.register(prepared)
+    assert own.extras["refinement_volumes"] == prepared.n_frames
+    shift = np.linalg.norm(own.matrices[:, :3, 3] - shared.matrices[:, :3, 3], axis=1)
+    assert 0.0 < float(shift.max()) < tolerance_mm

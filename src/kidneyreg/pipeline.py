@@ -132,6 +132,15 @@ _REGISTRATION_KIND = "registration-net"
 #: Extra network passes per frame by default (see Registrar): on held-out simulated patients a
 #: second pass lowered the TRE of the bundled model further on every case tried.
 DEFAULT_REFINEMENTS = 1
+# A refinement pass reuses a CT volume already sampled on a grid this close to the one it wants
+# (the grid moved by the frame's first estimate). The network corrects offsets of 10-25 degrees
+# and many mm, so a grid within 2 mm and 2 degrees of the estimate is as good an input; breathing
+# moves the kidney well under 1 mm per frame, so consecutive frames share one resampled volume
+# instead of paying one full-volume resample each (about a third of the refined frame's cost).
+REFINEMENT_REUSE_MM = 2.0
+REFINEMENT_REUSE_DEG = 2.0
+# Refinement volumes kept for reuse (the most recent are searched first).
+_REFINED_CACHE = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,6 +668,9 @@ class Registrar:
         )
         self._build_cache(feature_image)
         self._moving: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._refined: list[tuple[NDArray[np.float64], torch.Tensor]] = []
+        #: CT volumes sampled for refinement passes since the last :meth:`register`.
+        self.refinement_volumes = 0
         self.ct_seconds = time.perf_counter() - started
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -773,6 +785,7 @@ class Registrar:
         self.net.load_state_dict(self._pretrained_state)
         self.net.eval()
         self.adaptation = None
+        self._refined.clear()
 
     # -- U/S side -------------------------------------------------------------------------------
 
@@ -934,26 +947,59 @@ class Registrar:
         grids = np.stack([self.grids[g].matrix for g in grid_ids])
         return _WindowBatch(fixed, moving, grids, np.stack(list(P_mid)))
 
-    def _infer(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
-        """``M`` of each window's middle frame and its loss terms (no gradients)."""
+    def _infer(
+        self, batch: _WindowBatch, *, with_terms: bool = True
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
+        """``M`` of each window's middle frame and its loss terms (no gradients).
+
+        ``with_terms=False`` skips the loss terms (an empty dict): a pass that another follows.
+        """
         mid = int(self.config.window) // 2
         with torch.inference_mode():
             output = self.net(batch.fixed, batch.moving)
+            D = output.matrices[:, mid].detach().to(torch.float64).cpu().numpy()
+            matrices = np.asarray(batch.grids @ D @ batch.P_mid, dtype=np.float64)
+            if not with_terms:
+                return matrices, {}
             terms = fim_loss(output.matrices, batch.fixed, batch.moving, self.config)
             motion, _, _ = motion_loss(
                 output.matrices,
                 self.config.motion_identity_weight,
                 self.config.motion_smoothness_weight,
             )
-        D = output.matrices[:, mid].detach().to(torch.float64).cpu().numpy()
-        matrices = batch.grids @ D @ batch.P_mid
         values = {
             "loss": terms.per_sample.detach().double().cpu().numpy(),
             "dice": terms.dice[:, mid].detach().double().cpu().numpy(),
             "mind": terms.mind_difference.detach().double().cpu().numpy(),
             "motion": motion.detach().double().cpu().numpy(),
         }
-        return np.asarray(matrices, dtype=np.float64), values
+        return matrices, values
+
+    def _refined_volume(
+        self, grid: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], torch.Tensor]:
+        """A cached refinement grid near ``grid`` and its CT volume, or ``grid`` freshly sampled.
+
+        Reuse: translation of the grid centre <= :data:`REFINEMENT_REUSE_MM` and rotation
+        between the two <= :data:`REFINEMENT_REUSE_DEG`.
+        """
+        for cached, volume in reversed(self._refined):
+            relative = np.linalg.inv(cached) @ grid
+            cos = np.clip((np.trace(relative[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)
+            if (
+                np.linalg.norm(relative[:3, 3]) <= REFINEMENT_REUSE_MM
+                and math.degrees(math.acos(cos)) <= REFINEMENT_REUSE_DEG
+            ):
+                return cached, volume
+        volume = sample_grid(
+            self._cache, self._cache_origin, self.profile.spacing, grid, self.profile
+        ).clamp_(0.0, 1.0)
+        volume = volume.to(self.device)
+        self.refinement_volumes += 1
+        self._refined.append((grid, volume))
+        if len(self._refined) > _REFINED_CACHE:
+            self._refined.pop(0)
+        return grid, volume
 
     def _infer_refined(
         self, batch: _WindowBatch
@@ -962,21 +1008,18 @@ class Registrar:
 
         Pass ``r + 1`` samples the CT on ``G' = M @ P^-1`` (the grid moved by the middle frame's
         estimate ``M = G @ D @ P``) and its output ``D'`` gives ``M' = G' @ D' @ P``. The loss
-        terms are those of the last pass.
+        terms are those of the last pass. ``G'`` is replaced by a recently sampled grid within
+        :data:`REFINEMENT_REUSE_MM` / :data:`REFINEMENT_REUSE_DEG` of it when there is one
+        (:meth:`_refined_volume`).
         """
-        matrices, values = self._infer(batch)
-        for _ in range(self.refinements):
-            grids = matrices @ np.linalg.inv(batch.P_mid)
-            moving = torch.stack(
-                [
-                    sample_grid(
-                        self._cache, self._cache_origin, self.profile.spacing, grid, self.profile
-                    ).clamp_(0.0, 1.0)
-                    for grid in grids
-                ]
-            ).to(self.device)
+        matrices, values = self._infer(batch, with_terms=self.refinements == 0)
+        for index in range(self.refinements):
+            wanted = matrices @ np.linalg.inv(batch.P_mid)
+            chosen = [self._refined_volume(grid) for grid in wanted]
+            grids = np.stack([grid for grid, _ in chosen])
+            moving = torch.stack([volume for _, volume in chosen])
             batch = _WindowBatch(batch.fixed, moving, grids, batch.P_mid)
-            matrices, values = self._infer(batch)
+            matrices, values = self._infer(batch, with_terms=index == self.refinements - 1)
         return matrices, values
 
     def initial_alignment(self, prepared: PreparedSequence) -> NDArray[np.float64]:
@@ -1144,6 +1187,10 @@ class Registrar:
         """
         prepared = self._prepared(sequence, masks)
         started = time.perf_counter()
+        # Refinement grids are shared between nearby frames: start afresh so that registering the
+        # same sequence twice gives the same poses (streaming keeps them between frames).
+        self._refined.clear()
+        self.refinement_volumes = 0
         n = prepared.n_frames
         matrices = np.empty((n, 4, 4))
         terms: dict[str, list[NDArray[Any]]] = {}
@@ -1171,6 +1218,7 @@ class Registrar:
             "initial_pose": "default sagittal" if self.init is None else self.init.source,
             "batch_size": self.batch_size,
             "refinements": self.refinements,
+            "refinement_volumes": self.refinement_volumes,
         }
         if prepared.cycles is not None:
             extras["cycles"] = prepared.cycles.to_dict()
