@@ -51,10 +51,24 @@ def test_simulate_writes_a_cohort(tmp_path: Path) -> None:
         assert not (out / name / "preview.png").exists()
 
 
+def test_simulate_flank_approach(tmp_path: Path) -> None:
+    out = tmp_path / "flank"
+    args = ["simulate", "--out", str(out), "--seed", "2", "--frames", "2", "--profile", "tiny"]
+    result = runner.invoke(app, [*args, "--group", "A", "--approach", "flank", "--no-preview"])
+    assert result.exit_code == 0, result.output
+    case = out / "case_000"
+    info = json.loads((case / "case.json").read_text())
+    assert info["approach"] == "flank"
+    init = json.loads((case / "init.json").read_text())
+    assert init["convention"] == "us_image_mm_to_ct_world_lps" and len(init["frames"]) == 1
+    assert json.loads((out / "cohort.json").read_text())["approach"] == "flank"
+
+
 def test_simulate_help() -> None:
     result = runner.invoke(app, ["simulate", "--help"])
     assert result.exit_code == 0
     assert "--cases" in result.output and "--from-ct" in result.output
+    assert "--approach" in result.output
 
 
 @pytest.mark.parametrize(
@@ -64,6 +78,7 @@ def test_simulate_help() -> None:
         (["--group", "C"], "--group"),
         (["--profile", "huge"], "--profile"),
         (["--frames", "0"], "--frames"),
+        (["--approach", "coronal"], "--approach: must be one of sagittal, flank, got 'coronal'"),
         (["--from-ct", "/nonexistent/ct.nii.gz"], "not found"),
     ],
 )

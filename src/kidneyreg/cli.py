@@ -80,6 +80,14 @@ def simulate(
             "--kidney", help="Kidney to scan: right or left (default right; mixed: by seed)."
         ),
     ] = None,
+    approach: Annotated[
+        str,
+        typer.Option(
+            "--approach",
+            help="Probe approach: sagittal (anterior, the default pose) or flank "
+            "(posterolateral, coronal-oblique view); init.json holds its nominal pose.",
+        ),
+    ] = "sagittal",
     preview: Annotated[
         bool, typer.Option("--preview/--no-preview", help="Draw preview.png in each case.")
     ] = True,
@@ -99,6 +107,7 @@ def simulate(
         from_ct=from_ct,
         labels=labels,
         kidney=kidney,
+        approach=approach,
     )
     with tqdm(total=cases, desc="simulate", unit="case") as bar:
         folders = simulate_cohort(
@@ -112,6 +121,7 @@ def simulate(
             from_ct=from_ct,
             labels=labels,
             kidney=kidney,
+            approach=approach,
             preview=preview,
             progress=lambda _i, _folder: bar.update(1),
         )

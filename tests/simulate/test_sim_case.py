@@ -10,7 +10,13 @@ import pytest
 import SimpleITK as sitk
 
 from kidneyreg.errors import InputError
-from kidneyreg.geometry import resample_on_frame
+from kidneyreg.geometry import (
+    DEFAULT_POSE_ROTATION,
+    invert_rigid,
+    resample_on_frame,
+    rotation_angle_deg,
+)
+from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.simulate import case as case_module
 from kidneyreg.simulate.case import (
     case_seed,
@@ -20,6 +26,7 @@ from kidneyreg.simulate.case import (
     simulate_cohort,
     write_case,
 )
+from kidneyreg.simulate.probe import ProbeOffset, approach_rotation
 from kidneyreg.simulate.tissues import kidney_labels
 
 FRAMES = 6
@@ -65,6 +72,7 @@ def test_case_folder_follows_the_design(tiny_case: Path) -> None:
         "us.nii.gz",
         "us_kidney_mask.nii.gz",
         "ground_truth.json",
+        "init.json",
         "labels.nii.gz",
         "us_labels.nii.gz",
         "breathing.json",
@@ -161,6 +169,7 @@ def test_cohort_seeds_and_bad_options(tmp_path: Path) -> None:
         ({"phase": "arterial"}, "--phase"),
         ({"frames": 0}, "--frames"),
         ({"kidney": "middle"}, "--kidney"),
+        ({"approach": "coronal"}, "--approach: must be one of sagittal, flank"),
         ({"labels": "x.nii.gz"}, "--labels"),
         ({"from_ct": tmp_path / "missing.nii.gz"}, "missing"),
     ]:
@@ -227,3 +236,133 @@ def test_real_ct_too_small_for_the_probe(real_ct_dir: Path, tmp_path: Path) -> N
             labels=tmp_path / "labels.nii.gz",
             kidney="right",
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Approaches and the initial pose
+# ----------------------------------------------------------------------------------------------
+
+# Recorded from the simulator before the approach option existed: seed 5, group A, tiny, 3 frames.
+_SEED5_PROBE = np.array(
+    [
+        [
+            6.4543682652203199e-02,
+            -1.1283057361654664e-01,
+            -9.9151569563323239e-01,
+            -72.129100568018202,
+        ],
+        [
+            8.1091424429506287e-02,
+            9.9089453554662787e-01,
+            -1.0748116257198920e-01,
+            -139.75948412444163,
+        ],
+        [
+            9.9461464593765436e-01,
+            -7.3466190054975289e-02,
+            7.3105574377887866e-02,
+            -171.96362437541507,
+        ],
+    ]
+)
+_SEED5_FRAMES_SUM = 932990
+_SEED5_MASK_SUM = 936
+
+
+def _offset(info: dict) -> ProbeOffset:
+    o = info["offset"]
+    return ProbeOffset(o["group"], tuple(o["rotation_deg"]), tuple(o["translation_mm"]))
+
+
+def _check_init(folder: Path, approach: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """init.json is the nominal view without the offset: truth at end-expiration = O @ init."""
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
+    init = read_transforms_json(folder / "init.json")
+    assert init.n_frames == 1 and init.extras["approach"] == approach
+    pose = init.matrices[0]
+    assert np.allclose(pose[:3, :3], approach_rotation(approach, info["kidney"]), atol=1e-9)
+    offset = _offset(info).matrix(info["kidney_info"]["centroid_world"])
+    probe = np.asarray(info["probe"]["matrix"])
+    assert np.allclose(offset @ pose, probe, atol=1e-6)
+    return info, pose, offset
+
+
+def test_sagittal_cases_are_unchanged_by_the_approach_option() -> None:
+    case = simulate_case_data(5, frames=3, group="A", profile="tiny")
+    assert case.info["approach"] == "sagittal"
+    assert np.allclose(
+        np.asarray(case.info["probe"]["matrix"])[:3], _SEED5_PROBE, rtol=0, atol=1e-9
+    )
+    assert int(case.frames.sum()) == _SEED5_FRAMES_SUM
+    assert int(case.us_kidney_mask.sum()) == _SEED5_MASK_SUM
+    assert np.array_equal(case.initial_pose[:3, :3], DEFAULT_POSE_ROTATION)
+
+
+def test_sagittal_init_is_the_default_pose_off_by_the_offset(tiny_case: Path) -> None:
+    info, pose, offset = _check_init(tiny_case, "sagittal")
+    truth = read_transforms_json(tiny_case / "ground_truth.json").matrices
+    error = rotation_angle_deg(invert_rigid(pose) @ truth[0])
+    # Breathing turns the kidney by up to ~3 degrees; frame 0 is at (or near) end-expiration.
+    assert error == pytest.approx(rotation_angle_deg(offset), abs=3.0)
+    assert info["approach"] == "sagittal"
+
+
+@pytest.fixture(scope="module")
+def flank_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sim") / "flank"
+    folders = simulate_cohort(
+        root, 1, seed=3, frames=FRAMES, group="B", profile="tiny", approach="flank", preview=False
+    )
+    return folders[0]
+
+
+def test_flank_case_views_the_kidney_from_the_flank(flank_case: Path) -> None:
+    info = json.loads((flank_case / "case.json").read_text(encoding="utf-8"))
+    cohort = json.loads((flank_case.parent / "cohort.json").read_text(encoding="utf-8"))
+    assert info["approach"] == "flank" and info["kidney"] == "right" and info["group"] == "B"
+    assert cohort["approach"] == "flank" and cohort["cases"][0]["approach"] == "flank"
+    # The probe sits on the right flank, well lateral of the kidney.
+    centre = np.asarray(info["kidney_info"]["centroid_world"])
+    assert info["probe"]["skin_point_mm"][0] < centre[0] - 30.0
+    # The kidney is in view in most frames and the ground truth reproduces its mask.
+    us_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(flank_case / "us_kidney_mask.nii.gz")))
+    assert us_mask.reshape(FRAMES, -1).any(axis=1).mean() >= 0.8
+    assert _check_ground_truth(flank_case) >= 0.8 * FRAMES
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(flank_case / "us_labels.nii.gz")))
+    frames = sitk.GetArrayFromImage(sitk.ReadImage(str(flank_case / "us.nii.gz")))
+    assert _dice(np.isin(labels[0], kidney_labels()), us_mask[0]) >= 0.9
+    assert frames.mean() > 20
+    # A coronal-oblique plane: its normal within the nominal angle plus the offset of A-P.
+    truth = read_transforms_json(flank_case / "ground_truth.json").matrices
+    normal = truth[0][:3, 2]
+    nominal = approach_rotation("flank", "right")[:, 2]
+    nominal_deg = np.degrees(np.arccos(abs(nominal[1])))
+    assert nominal_deg < 45.0  # the nominal normal is closer to A-P than to L-R
+    angle = np.degrees(np.arccos(abs(normal[1])))
+    assert angle <= nominal_deg + info["offset"]["rotation_norm_deg"] + 5.0
+
+
+def test_flank_init_lies_within_the_group_offset_of_the_truth(flank_case: Path) -> None:
+    info, pose, offset = _check_init(flank_case, "flank")
+    truth = read_transforms_json(flank_case / "ground_truth.json").matrices
+    error = rotation_angle_deg(invert_rigid(pose) @ truth[0])
+    assert error == pytest.approx(rotation_angle_deg(offset), abs=3.0)
+    assert error == pytest.approx(info["offset"]["rotation_norm_deg"], abs=5.0)
+    assert 15.0 < error < 35.0  # group B: about 25 degrees
+    # At the kidney centroid the init is off by the offset's translation (a few mm).
+    centre = np.asarray(info["kidney_info"]["centroid_world"])
+    local = invert_rigid(pose) @ np.append(centre, 1.0)
+    shift = np.linalg.norm((truth[0] @ local)[:3] - centre)
+    assert shift == pytest.approx(info["offset"]["translation_norm_mm"], abs=3.0)
+    assert shift < 12.0
+
+
+def test_flank_view_of_the_left_kidney() -> None:
+    case = simulate_case_data(
+        4, frames=2, group="A", profile="tiny", kidney="left", approach="flank"
+    )
+    centre = np.asarray(case.info["kidney_info"]["centroid_world"])
+    assert case.info["probe"]["skin_point_mm"][0] > centre[0] + 30.0  # on the left flank
+    assert case.matrices[0][0, 1] < 0  # depth runs towards the patient's right (-x)
+    assert case.us_kidney_mask.reshape(2, -1).any(axis=1).all()
+    assert np.allclose(case.initial_pose[:3, :3], approach_rotation("flank", "left"))

@@ -11,13 +11,18 @@ import SimpleITK as sitk
 from kidneyreg.errors import InputError
 from kidneyreg.geometry import DEFAULT_POSE_ROTATION, is_rigid, transform_points
 from kidneyreg.simulate.probe import (
+    APPROACHES,
+    FLANK_TILT_DEG,
+    FLANK_TWIST_DEG,
     GROUP_STATISTICS,
     ProbeGeometry,
     ProbeOffset,
     RandomProbeGeometry,
     RandomProbeOffset,
+    approach_rotation,
     find_skin,
     place_probe,
+    place_probe_in_window,
     visible_kidney_fraction,
 )
 from kidneyreg.simulate.tissues import Tissue
@@ -26,8 +31,16 @@ SPACING = 2.0
 KIDNEY_CENTRE = np.array([-60.0, 50.0, 0.0])
 
 
-def _phantom(*, bone_in_front: bool = False, crop_y: float | None = None) -> sitk.Image:
-    """Elliptic body (LPS, y posterior), a right kidney, optionally a bone slab in front of it."""
+def _phantom(
+    *,
+    bone_in_front: bool = False,
+    crop_y: float | None = None,
+    bar_at: np.ndarray | None = None,
+) -> sitk.Image:
+    """Elliptic body (LPS, y posterior), a right kidney, optionally a bone slab in front of it.
+
+    ``bar_at``: an (x, y) point where a 10 mm thick bone bar runs along S-I (a rib-like shadow).
+    """
     extent = np.array([320.0, 260.0, 300.0])
     origin = -extent / 2
     n = (extent / SPACING).astype(int)
@@ -43,6 +56,8 @@ def _phantom(*, bone_in_front: bool = False, crop_y: float | None = None) -> sit
     )
     if bone_in_front:
         labels[(np.abs(y + 20) < 5) & (np.abs(x - c[0]) < 80)] = Tissue.BONE
+    if bar_at is not None:
+        labels[np.hypot(x - bar_at[0], y - bar_at[1]) < 10.0] = Tissue.BONE
     if crop_y is not None:
         keep = int((crop_y - origin[1]) / SPACING)
         labels = labels[:, keep:, :]
@@ -178,3 +193,109 @@ def test_image_too_small_for_the_probe() -> None:
         )
     with pytest.raises(InputError, match="outside the image"):
         find_skin(labels, [0.0, -500.0, 0.0], [0.0, -1.0, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Approaches
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_approach_rotations_are_proper_and_point_the_right_way(approach: str, side: str) -> None:
+    r = approach_rotation(approach, side)
+    assert r.shape == (3, 3)
+    assert np.allclose(r.T @ r, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)
+    assert np.allclose(r[:, 2], np.cross(r[:, 0], r[:, 1]))  # normal = u x v
+    if approach == "sagittal":
+        assert np.array_equal(r, DEFAULT_POSE_ROTATION)
+        return
+    u, v, normal = r.T
+    medial = 1.0 if side == "right" else -1.0  # +x is the patient's left in LPS
+    tilt, twist = math.radians(FLANK_TILT_DEG), math.radians(FLANK_TWIST_DEG)
+    # Depth: medially, tilted towards anterior (-y), horizontal.
+    assert v == pytest.approx([medial * math.cos(tilt), -math.sin(tilt), 0.0])
+    # Array: superior (the default pose's sense), its upper end turned medially and posteriorly.
+    assert u[2] == pytest.approx(math.cos(twist))
+    assert medial * u[0] > 0 and u[1] > 0
+    assert float(u @ DEFAULT_POSE_ROTATION[:, 0]) > 0.9
+    # Coronal-oblique: the plane's normal is much closer to A-P than to L-R.
+    assert abs(normal[1]) > 1.5 * abs(normal[0])
+    assert math.degrees(math.acos(abs(normal[1]))) < FLANK_TILT_DEG + FLANK_TWIST_DEG
+    # A fresh array each call: callers may modify it.
+    r[0, 0] = 5.0
+    assert approach_rotation(approach, side)[0, 0] != 5.0
+
+
+def test_flank_views_of_both_kidneys_mirror_each_other() -> None:
+    mirror = np.diag([-1.0, 1.0, 1.0])  # left <-> right in LPS
+    right, left = approach_rotation("flank", "right"), approach_rotation("flank", "left")
+    # u and v mirror; the normal (a cross product) mirrors with the opposite sign.
+    assert np.allclose(mirror @ right[:, :2], left[:, :2])
+    assert np.allclose(mirror @ right[:, 2], -left[:, 2])
+
+
+def test_unknown_approach_or_side_is_refused() -> None:
+    with pytest.raises(ValueError, match="approach must be one of sagittal, flank, got 'coronal'"):
+        approach_rotation("coronal", "right")
+    with pytest.raises(ValueError, match="side must be 'right' or 'left'"):
+        approach_rotation("flank", "middle")
+
+
+def test_flank_probe_sits_on_the_posterolateral_flank() -> None:
+    labels = _phantom()
+    geo = ProbeGeometry(55.0, 65.0, 150.0, 3.5, 90.0, 2.0)
+    base = approach_rotation("flank", "right")
+    offset = ProbeOffset("A", (3.0, -5.0, 6.0), (1.0, 2.0, -1.5))
+    placement = place_probe(
+        labels,
+        _kidney_points(labels),
+        offset.matrix(KIDNEY_CENTRE),
+        KIDNEY_CENTRE,
+        geo,
+        lateral_shift_mm=8.0,
+        base_rotation=base,
+    )
+    m = placement.matrix
+    assert is_rigid(m)
+    assert np.allclose(m[:3, :3], offset.matrix(KIDNEY_CENTRE)[:3, :3] @ base)
+    # On the skin, right of and behind the kidney (posterolateral), looking at it.
+    skin = placement.skin_point
+    assert (skin[0] / 150) ** 2 + (skin[1] / 115) ** 2 == pytest.approx(1.0, abs=0.05)
+    assert skin[0] < KIDNEY_CENTRE[0] - 30.0 and skin[1] > KIDNEY_CENTRE[1]
+    centre = transform_points(offset.matrix(KIDNEY_CENTRE), KIDNEY_CENTRE)
+    local = transform_points(np.linalg.inv(m), centre)
+    u_f, v_f = placement.geometry.face_centre
+    # The long kidney (110 mm along u) leaves no room for the 8 mm shift: the probe centres it.
+    assert placement.lateral_shift_mm in (8.0, 0.0)
+    expected = [u_f + placement.lateral_shift_mm, v_f + placement.kidney_depth_mm, 0.0]
+    assert local == pytest.approx(expected, abs=1e-6)
+    assert visible_kidney_fraction(labels, placement) > 0.95
+    with pytest.raises(ValueError, match="proper 3x3 rotation"):
+        place_probe(
+            labels,
+            _kidney_points(labels),
+            np.eye(4),
+            KIDNEY_CENTRE,
+            geo,
+            base_rotation=np.diag([1.0, 1.0, -1.0]),
+        )
+
+
+def test_window_search_finds_a_flank_view_past_a_rib() -> None:
+    base = approach_rotation("flank", "right")
+    # A rib-like bar 45 mm from the kidney on the nominal flank beam.
+    labels = _phantom(bar_at=KIDNEY_CENTRE - 45.0 * base[:, 1])
+    geo = ProbeGeometry(55.0, 65.0, 150.0, 3.5, 90.0, 2.0)
+    points = _kidney_points(labels)
+    nominal = ProbeOffset("A", (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    turned = ProbeOffset("A", (0.0, 0.0, 60.0), (0.0, 0.0, 0.0))  # beam from further forward
+    blocked = place_probe(
+        labels, points, nominal.matrix(KIDNEY_CENTRE), KIDNEY_CENTRE, geo, base_rotation=base
+    )
+    assert visible_kidney_fraction(labels, blocked) < 0.5
+    placement, offset, visible = place_probe_in_window(
+        labels, points, KIDNEY_CENTRE, [(nominal, 0.0), (turned, 0.0)], geo, base_rotation=base
+    )
+    assert offset is turned and visible > 0.9
+    assert np.allclose(placement.matrix[:3, :3], turned.matrix(KIDNEY_CENTRE)[:3, :3] @ base)

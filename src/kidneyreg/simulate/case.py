@@ -8,10 +8,12 @@ exactly as DESIGN.md section 2 says, plus the simulator's extras::
     <case>/us.nii.gz               B-mode sequence, uint8, (lateral, depth, frame), origin 0
     <case>/us_kidney_mask.nii.gz   same grid as us, 1 = kidney
     <case>/ground_truth.json       true M_k (U/S image mm -> CT world LPS mm) per frame
+    <case>/init.json               coarse initial pose for ``register --init`` (one frame for all)
     <case>/labels.nii.gz           the tissue label map the images were rendered from
     <case>/us_labels.nii.gz        the tissue label each U/S pixel shows (same grid as us)
     <case>/breathing.json          breathing signal, displacements, cycle starts, frame rate
-    <case>/case.json               seed, group, sampled offset, probe, profile, phase, version
+    <case>/case.json               seed, group, approach, sampled offset, probe, profile, phase,
+                                   version
     <case>/preview.png             CT planes with the U/S plane, U/S frames with the kidney
 
 A case folder is written into a temporary sibling and renamed into place, so a crash never
@@ -21,6 +23,16 @@ The true pose of frame ``k`` is ``M_k = inverse(B_k) @ M_probe``: ``M_probe`` is
 images at end-expiration (the CT's breath-hold state), ``B_k`` the kidney's breathing
 displacement in CT world. The kidney mask of frame ``k`` is the written CT kidney mask resampled
 with ``M_k`` (nearest neighbour), inside the fan.
+
+Approach. ``approach`` picks the nominal view the group offset acts on
+(:func:`~kidneyreg.simulate.probe.approach_rotation`): ``"sagittal"`` (the default pose; the
+probe on the anterior abdomen) or ``"flank"`` (the probe on the posterolateral flank, a
+coronal-oblique longitudinal view). ``init.json`` is the nominal view without the group offset:
+``inverse(O) @ M_probe`` with ``O`` the offset (:meth:`~kidneyreg.simulate.probe.ProbeOffset.matrix`
+about the kidney centroid), i.e. where the tracked probe would image before the sonographer's fine
+adjustment. Its rotation is exactly the approach's nominal rotation, and the true end-expiration
+pose is ``O @ init``: the initial pose is off by the case's sampled offset (group A about 10
+degrees, B about 25 degrees, a few mm), what ``register --init`` is meant to correct.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ from numpy.typing import NDArray
 
 from kidneyreg import __version__
 from kidneyreg.errors import InputError
-from kidneyreg.geometry import invert_rigid, resample_on_frame, resample_on_frames
+from kidneyreg.geometry import invert_rigid, make_rigid, resample_on_frame, resample_on_frames
 from kidneyreg.io.atomic import atomic_path, atomic_write_text
 from kidneyreg.io.image import write_image, write_mask
 from kidneyreg.io.transforms import write_transforms_json
@@ -52,9 +64,11 @@ from kidneyreg.simulate.anatomy import Anatomy, generate_anatomy
 from kidneyreg.simulate.breathing import BreathingMotion, RandomBreathing
 from kidneyreg.simulate.ct import render_ct
 from kidneyreg.simulate.probe import (
+    APPROACHES,
     ProbePlacement,
     RandomProbeGeometry,
     RandomProbeOffset,
+    approach_rotation,
     place_probe_in_window,
 )
 from kidneyreg.simulate.real_anatomy import read_real_anatomy
@@ -126,6 +140,8 @@ class SimulatedCase:
         pixel_size: U/S pixel size (mm).
         frame_rate: Frames per second.
         breathing: The breathing record written to ``breathing.json``.
+        initial_pose: The coarse initial pose written to ``init.json`` (4x4, the approach's
+            nominal view without the group offset; see the module docstring).
         info: The description written to ``case.json``.
     """
 
@@ -139,6 +155,7 @@ class SimulatedCase:
     pixel_size: float
     frame_rate: float
     breathing: dict[str, Any]
+    initial_pose: NDArray[np.float64]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,6 +245,7 @@ def check_options(
     from_ct: str | Path | None = None,
     labels: str | Path | None = None,
     kidney: str | None = None,
+    approach: str = "sagittal",
 ) -> Profile:
     """Validate simulation options before any work; returns the profile.
 
@@ -240,6 +258,7 @@ def check_options(
     """
     _check_choice(group, GROUPS, "--group")
     _check_choice(phase, PHASES, "--phase")
+    _check_choice(approach, APPROACHES, "--approach")
     try:
         prof = get_profile(profile)
     except ValueError as error:
@@ -267,6 +286,7 @@ def simulate_case_data(
     from_ct: str | Path | None = None,
     labels: str | Path | None = None,
     kidney: str | None = None,
+    approach: str = "sagittal",
 ) -> SimulatedCase:
     """Simulate one case in memory.
 
@@ -280,14 +300,15 @@ def simulate_case_data(
         labels: Its kidney label map (see
             :func:`~kidneyreg.simulate.real_anatomy.read_real_anatomy`).
         kidney: ``"right"`` or ``"left"``; None: right, or by seed (75 % right) for ``"mixed"``.
+        approach: Probe approach, ``"sagittal"`` or ``"flank"`` (see the module docstring).
 
     Raises:
-        InputError: Bad group, profile, phase, kidney or frame count; a label map without the
-            requested kidney; a CT too small to hold the probe's field of view.
+        InputError: Bad group, profile, phase, kidney, approach or frame count; a label map
+            without the requested kidney; a CT too small to hold the probe's field of view.
 
     Example:
         >>> case = simulate_case_data(3, frames=4, profile="tiny")  # doctest: +SKIP
-        >>> case.frames.shape[0]
+        >>> case.frames.shape[0]  # doctest: +SKIP
         4
     """
     started = time.perf_counter()
@@ -299,6 +320,7 @@ def simulate_case_data(
         from_ct=from_ct,
         labels=labels,
         kidney=kidney,
+        approach=approach,
     )
     if kidney is None:
         side_rng = np.random.default_rng([seed, _STREAM_SIDE])
@@ -314,7 +336,9 @@ def simulate_case_data(
     centre = np.asarray(info_kidney.centroid_world, dtype=np.float64)
     points = _kidney_points(anatomy, kidney)
 
-    # Probe: group offset, curvilinear geometry, placement in an acoustic window.
+    # Probe: group offset about the approach's nominal view, curvilinear geometry, placement in
+    # an acoustic window.
+    base_rotation = approach_rotation(approach, kidney)
     rng = np.random.default_rng([seed, _STREAM_PROBE])
     offsets = RandomProbeOffset(group).sample_candidates(rng, _N_CANDIDATES)  # type: ignore[arg-type]
     geometry = RandomProbeGeometry().sample(rng, pixel_size=prof.spacing)
@@ -326,7 +350,14 @@ def simulate_case_data(
         [(o, float(s)) for o, s in zip(offsets, shifts, strict=True)],
         geometry,
         batch=_CANDIDATE_BATCH,
+        base_rotation=base_rotation,
         source=source,
+    )
+    # The nominal view without the group offset, where the probe images at end-expiration. Its
+    # rotation is the nominal one up to rounding: set it exactly, so every case of an approach
+    # shares one initial rotation.
+    initial_pose = make_rigid(
+        base_rotation, (invert_rigid(offset.matrix(centre)) @ placement.matrix)[:3, 3]
     )
     geo = placement.geometry
     fan = geo.fan_mask().astype(bool)
@@ -387,6 +418,8 @@ def simulate_case_data(
         "seed": int(seed),
         "group": offset.group,
         "group_requested": group,
+        "approach": approach,
+        "nominal_rotation": base_rotation.tolist(),
         "offset": offset.to_dict(),
         "kidney": kidney,
         "kidney_info": info_kidney.to_dict(),
@@ -420,6 +453,7 @@ def simulate_case_data(
         pixel_size=geo.pixel_size,
         frame_rate=motion.params.frame_rate,
         breathing=breathing,
+        initial_pose=initial_pose,
         info=info,
     )
 
@@ -518,6 +552,7 @@ def _preview(case: SimulatedCase, path: Path) -> None:
     info = case.info
     fig.suptitle(
         f"seed {info['seed']}  group {info['group']}  {info['kidney']} kidney  "
+        f"{info.get('approach', 'sagittal')} approach  "
         f"offset {info['offset']['rotation_norm_deg']:.1f} deg / "
         f"{info['offset']['translation_norm_mm']:.1f} mm  profile {info['profile']}",
         fontsize=10,
@@ -563,6 +598,20 @@ def _write_contents(case: SimulatedCase, folder: Path, *, preview: bool) -> None
             "frame_rate": case.frame_rate,
             "pixel_size_mm": [case.pixel_size, case.pixel_size],
             "cycle_starts": case.breathing["cycle_starts"],
+        },
+    )
+    write_transforms_json(
+        folder / "init.json",
+        case.initial_pose[None],
+        extras={
+            "source": "kidneyreg simulate (coarse initial pose: nominal view without the offset)",
+            "simulator_version": SIMULATOR_VERSION,
+            "seed": case.info["seed"],
+            "approach": case.info["approach"],
+            "kidney": case.info["kidney"],
+            "note": "one pose for every frame; the true end-expiration pose is O @ init with O "
+            "the case's offset about the kidney centroid (case.json 'offset')",
+            "offset_to_truth": case.info["offset"],
         },
     )
     atomic_write_text(folder / "breathing.json", json.dumps(case.breathing, indent=1) + "\n")
@@ -618,6 +667,7 @@ def simulate_case(
     from_ct: str | Path | None = None,
     labels: str | Path | None = None,
     kidney: str | None = None,
+    approach: str = "sagittal",
     preview: bool = True,
 ) -> Path:
     """Simulate one case and write its folder (see the module docstring for the layout).
@@ -625,7 +675,8 @@ def simulate_case(
     Args:
         out_dir: Case folder to write.
         seed: Case seed.
-        frames, group, profile, phase, from_ct, labels, kidney: As :func:`simulate_case_data`.
+        frames, group, profile, phase, from_ct, labels, kidney, approach: As
+            :func:`simulate_case_data`.
         preview: Also draw ``preview.png``.
 
     Returns:
@@ -644,6 +695,7 @@ def simulate_case(
         from_ct=from_ct,
         labels=labels,
         kidney=kidney,
+        approach=approach,
     )
     return write_case(case, out_dir, preview=preview)
 
@@ -660,6 +712,7 @@ def simulate_cohort(
     from_ct: str | Path | None = None,
     labels: str | Path | None = None,
     kidney: str | None = None,
+    approach: str = "sagittal",
     preview: bool = True,
     progress: Callable[[int, Path], None] | None = None,
 ) -> list[Path]:
@@ -672,7 +725,7 @@ def simulate_cohort(
         cases: Number of cases (>= 1).
         seed: Cohort seed.
         progress: Called after each case with its index and folder.
-        frames, group, profile, phase, from_ct, labels, kidney, preview: As
+        frames, group, profile, phase, from_ct, labels, kidney, approach, preview: As
             :func:`simulate_case`.
 
     Returns:
@@ -694,6 +747,7 @@ def simulate_cohort(
         from_ct=from_ct,
         labels=labels,
         kidney=kidney,
+        approach=approach,
     )
     root = Path(out)
     width = max(3, len(str(cases - 1)))
@@ -712,6 +766,7 @@ def simulate_cohort(
             from_ct=from_ct,
             labels=labels,
             kidney=kidney,
+            approach=approach,
             preview=preview,
         )
         meta = json.loads((folder / "case.json").read_text(encoding="utf-8"))
@@ -721,6 +776,7 @@ def simulate_cohort(
                 "seed": s,
                 "group": meta["group"],
                 "kidney": meta["kidney"],
+                "approach": meta["approach"],
                 "n_frames": meta["n_frames"],
                 "rotation_norm_deg": meta["offset"]["rotation_norm_deg"],
                 "translation_norm_mm": meta["offset"]["translation_norm_mm"],
@@ -734,6 +790,7 @@ def simulate_cohort(
         "seed": int(seed),
         "cases": entries,
         "group": group,
+        "approach": approach,
         "profile": get_profile(profile).name,
         "frames": frames,
     }

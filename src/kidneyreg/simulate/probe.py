@@ -8,10 +8,15 @@ skin, sits at ``v = radius * (1 - cos(fan / 2))``. A beam at angle ``theta`` (0 
 positive towards +u) reaches the pixel at depth ``r`` (distance from the apex, ``radius <= r <=
 radius + depth``) at ``(u_c + r sin theta, v_a + r cos theta)``.
 
-Pose. The default pose (docs/architecture.md) puts the frame in the CT's sagittal plane through the
-kidney centroid, u -> superior, v (depth) -> posterior: the probe sits on the anterior abdomen and
-looks backwards at the kidney. The true view of a case differs from it by a rigid offset about the
-kidney centroid whose rotation and translation norms follow the paper's groups A and B.
+Pose. A case's nominal view depends on its approach (:data:`APPROACHES`,
+:func:`approach_rotation`). The ``"sagittal"`` approach is the default pose (docs/architecture.md):
+the frame lies in the CT's sagittal plane through the kidney centroid, u -> superior, v (depth) ->
+posterior, so the probe sits on the anterior abdomen and looks backwards at the kidney. The
+``"flank"`` approach puts the probe on the patient's flank on the kidney's side, posterolaterally,
+looking medially and somewhat anteriorly, its array turned along the kidney's long axis (u ->
+superior and somewhat posterior): a coronal-oblique longitudinal view.
+The true view of a case differs from the nominal one by a rigid offset about the kidney centroid
+whose rotation and translation norms follow the paper's groups A and B.
 """
 
 from __future__ import annotations
@@ -29,18 +34,23 @@ from kidneyreg.geometry import (
     DEFAULT_POSE_ROTATION,
     euler_to_matrix,
     invert_rigid,
+    is_rigid,
     make_rigid,
     transform_points,
 )
 from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue
 
 __all__ = [
+    "APPROACHES",
+    "FLANK_TILT_DEG",
+    "FLANK_TWIST_DEG",
     "GROUP_STATISTICS",
     "ProbeGeometry",
     "ProbeOffset",
     "ProbePlacement",
     "RandomProbeGeometry",
     "RandomProbeOffset",
+    "approach_rotation",
     "find_skin",
     "place_probe",
     "place_probe_in_window",
@@ -48,6 +58,23 @@ __all__ = [
 ]
 
 Group = Literal["A", "B", "mixed"]
+
+#: Probe approaches the simulator knows: the nominal view a case's offset is applied to.
+APPROACHES = ("sagittal", "flank")
+_SIDES = ("right", "left")
+
+#: Tilt (degrees) of the flank view's depth axis from pure lateral-to-medial towards anterior: the
+#: probe sits posterolaterally on the flank, the usual posterolateral intercostal / subcostal
+#: window for renal access, where the beam passes the flank muscles (not bowel) to reach the
+#: kidney, which lies posteriorly in the retroperitoneum.
+FLANK_TILT_DEG = 30.0
+#: Turn (degrees) of the flank probe on the skin about its beam, moving the array's superior end
+#: posteriorly (and, in the image plane, medially): a sonographer follows the kidney's long axis,
+#: whose upper pole lies 10-20 degrees medial and 10-20 degrees posterior of the lower one
+#: (simulate.anatomy); in a plane whose depth axis already runs medially, only the posterior part
+#: of that tilt leaves the plane, about 20 degrees. With u pure superior the long axis would cross
+#: the plane at ~20 degrees and the kidney would show as an oblique oval, not a longitudinal bean.
+FLANK_TWIST_DEG = 20.0
 
 #: The paper's pose-offset groups: (rotation norm mean, sd) in degrees and (translation norm mean,
 #: sd) in mm, the L2 norms of the x, y and z components.
@@ -63,6 +90,60 @@ _MAX_DEPTH_MM = 260.0
 # breathing excursion.
 _DEPTH_MARGIN_MM = 15.0
 _EDGE_MARGIN_MM = 5.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Approaches (nominal views)
+# ----------------------------------------------------------------------------------------------
+
+
+def approach_rotation(approach: str, side: str) -> NDArray[np.float64]:
+    """The nominal view rotation (U/S image axes -> LPS) of a probe approach to one kidney.
+
+    Columns are u (lateral along the array), v (depth, away from the probe) and the normal
+    ``u x v``, as :data:`~kidneyreg.geometry.DEFAULT_POSE_ROTATION`.
+
+    * ``"sagittal"``: :data:`~kidneyreg.geometry.DEFAULT_POSE_ROTATION` for either kidney (u ->
+      superior, v -> posterior).
+    * ``"flank"``: v points medially (towards the patient's left, +x, for the right kidney;
+      towards the right, -x, for the left one), tilted :data:`FLANK_TILT_DEG` towards anterior
+      (-y), so the probe sits on the posterolateral flank; u runs superior-inferior (superior
+      along +u, as the default pose), turned :data:`FLANK_TWIST_DEG` about v so that its
+      superior end points posteriorly, along the kidney's long axis. The plane is a
+      coronal-oblique longitudinal view of the kidney; its normal is closer to A-P than to L-R.
+
+    Args:
+        approach: One of :data:`APPROACHES`.
+        side: The scanned kidney, ``"right"`` or ``"left"``.
+
+    Returns:
+        A new, proper (determinant +1) 3x3 rotation.
+
+    Raises:
+        ValueError: Unknown approach or side.
+
+    Example:
+        >>> approach_rotation("flank", "right")[:, 1].round(3)  # v: medial (+x) and anterior (-y)
+        array([ 0.866, -0.5  ,  0.   ])
+        >>> approach_rotation("flank", "right")[:, 0].round(3)  # u: superior, turned posteriorly
+        array([0.171, 0.296, 0.94 ])
+    """
+    if approach not in APPROACHES:
+        raise ValueError(f"approach must be one of {', '.join(APPROACHES)}, got {approach!r}")
+    if side not in _SIDES:
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if approach == "sagittal":
+        return np.array(DEFAULT_POSE_ROTATION, dtype=np.float64)
+    tilt = math.radians(FLANK_TILT_DEG)
+    medial = 1.0 if side == "right" else -1.0  # +x is the patient's left in LPS
+    v = np.array([medial * math.cos(tilt), -math.sin(tilt), 0.0])
+    superior = np.array([0.0, 0.0, 1.0])
+    # The horizontal direction across the beam that points posteriorly (+y).
+    across = np.cross(superior, v)
+    across *= np.sign(across[1])
+    twist = math.radians(FLANK_TWIST_DEG)
+    u = math.cos(twist) * superior + math.sin(twist) * across
+    return np.stack([u, v, np.cross(u, v)], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +510,13 @@ def _probe_matrix(
     return make_rigid(rotation, origin)
 
 
+def _checked_rotation(rotation: ArrayLike) -> NDArray[np.float64]:
+    r = np.asarray(rotation, dtype=np.float64)
+    if r.shape != (3, 3) or not is_rigid(make_rigid(r, (0.0, 0.0, 0.0))):
+        raise ValueError(f"base_rotation must be a proper 3x3 rotation, got {r.tolist()}")
+    return r
+
+
 def place_probe(
     labels: sitk.Image,
     kidney_points: ArrayLike,
@@ -438,12 +526,14 @@ def place_probe(
     *,
     lateral_shift_mm: float = 0.0,
     breathing_margin_mm: float = 12.0,
+    base_rotation: ArrayLike = DEFAULT_POSE_ROTATION,
     source: str = "label map",
 ) -> ProbePlacement:
-    """Put the probe on the skin so that its view is the offset default pose.
+    """Put the probe on the skin so that its view is the offset nominal view.
 
-    The view's plane is the default pose (sagittal, u -> superior, v -> posterior) moved by the
-    offset about the kidney centroid. The probe sits where the view's depth axis through the
+    The view's plane is the nominal view ``base_rotation`` (by default the sagittal default pose,
+    u -> superior, v -> posterior; see :func:`approach_rotation`) through the kidney centroid,
+    moved by the offset about the centroid. The probe sits where the view's depth axis through the
     (offset) kidney centre, shifted laterally by ``lateral_shift_mm``, leaves the body. The depth
     grows beyond the sampled one when the kidney would not fit (up to 26 cm), and the lateral
     shift shrinks when the kidney would leave the fan.
@@ -456,17 +546,20 @@ def place_probe(
         geometry: Sampled probe.
         lateral_shift_mm: Wanted lateral position of the kidney centre relative to the fan axis.
         breathing_margin_mm: Extra room kept around the kidney for its breathing motion.
+        base_rotation: Nominal view rotation (3x3, columns u, v, normal in LPS) the offset acts
+            on.
         source: Name of the input, for error messages.
 
     Raises:
         InputError: If the body does not fit in the image along the view, or the kidney lies
             too deep for the probe.
+        ValueError: If ``base_rotation`` is not a proper rotation.
 
     Example:
         >>> placement = place_probe(labels, pts, np.eye(4), centre, geometry)  # doctest: +SKIP
     """
     offset = np.asarray(offset_matrix, dtype=np.float64)
-    rotation = offset[:3, :3] @ DEFAULT_POSE_ROTATION
+    rotation = offset[:3, :3] @ _checked_rotation(base_rotation)
     c = transform_points(offset, np.asarray(centre, dtype=np.float64)[None, :])[0]
     u_dir, v_dir = rotation[:, 0], rotation[:, 1]
     pts = np.asarray(kidney_points, dtype=np.float64).reshape(-1, 3)
@@ -561,6 +654,7 @@ def place_probe_in_window(
     tolerance: float = 0.05,
     batch: int | None = None,
     enough: float = 0.9,
+    base_rotation: ArrayLike = DEFAULT_POSE_ROTATION,
     source: str = "label map",
 ) -> tuple[ProbePlacement, ProbeOffset, float]:
     """Choose the candidate view a sonographer would: unshadowed, then closest to the kidney.
@@ -579,6 +673,7 @@ def place_probe_in_window(
         tolerance: Visible fraction that may be traded for a shallower kidney.
         batch: Number of candidates tried before checking ``enough``.
         enough: Visible fraction that ends the search after a batch.
+        base_rotation: Nominal view rotation the offsets act on (see :func:`place_probe`).
         source: Name of the input, for error messages.
 
     Returns:
@@ -606,6 +701,7 @@ def place_probe_in_window(
                 centre,
                 geometry,
                 lateral_shift_mm=shift,
+                base_rotation=base_rotation,
                 source=source,
             )
         except InputError as exc:
