@@ -6,7 +6,8 @@ then (``--adapt``) adapts it on the first detected breathing cycle (the paper's 
 learning, 2 epochs) and registers again. Every pose set is scored against the ground truth with
 :func:`kidneyreg.evaluation.evaluate.evaluate_frames` on the same frames: those after the
 adaptation cycle with ``--adapt`` (as the paper scores the rest of the sequence), all frames
-without. Rows: initial alignment (kidney centroids matched, default sagittal pose), pretrained,
+without. Rows: initial alignment (kidney centroids matched; default sagittal pose, or with
+``--init`` each case's ``init.json``, e.g. a flank simulation), pretrained,
 adapted; means over cases of the per-case means, per group (A, B) and overall.
 
 Feature maps come from the ground-truth masks (``--features masks``, the default: the table then
@@ -53,6 +54,7 @@ def evaluate_case(
     features: str,
     refinements: int,
     anchor: float = DEFAULT_ANCHOR_WEIGHT,
+    use_init: bool = False,
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``."""
     ct = read_ct(case / "ct.nii.gz")
@@ -62,6 +64,9 @@ def evaluate_case(
     truth = read_transforms_json(case / "ground_truth.json").matrices
     info = json.loads((case / "case.json").read_text(encoding="utf-8"))
     with_masks = features == "masks"
+    init = None
+    if use_init:
+        init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
     registrar = Registrar(
         ct,
         model,
@@ -69,6 +74,7 @@ def evaluate_case(
         device="cpu",
         kidney=info["kidney"],
         refinements=refinements,
+        init=init,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,6 +133,9 @@ def main() -> None:
     parser.add_argument(
         "--anchor", type=float, default=DEFAULT_ANCHOR_WEIGHT, help="adaptation anchor weight"
     )
+    parser.add_argument(
+        "--init", action="store_true", help="start from each case's init.json (--init)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -142,6 +151,7 @@ def main() -> None:
                 features=args.features,
                 refinements=args.refinements,
                 anchor=args.anchor,
+                use_init=args.init,
             )
             rows.append(row)
             print(

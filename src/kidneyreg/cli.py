@@ -337,6 +337,13 @@ def pretrain(
         Path | None,
         typer.Option("--export", help="Also write a compact copy of the best model (bundling)."),
     ] = None,
+    initial: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Start from this registration model's weights (fine-tuning), not random ones.",
+        ),
+    ] = None,
 ) -> None:
     """Pretrain the registration network on generated pairs (run under torchrun for DDP)."""
     import os
@@ -379,6 +386,7 @@ def pretrain(
         features="network" if features == "network" else "masks",
         feature_models=models,
         supervision=supervision,
+        initial_weights=initial,
         window=window,
         use_mind=not no_mind,
         use_decoder=not no_decoder,

@@ -132,11 +132,12 @@ _REGISTRATION_KIND = "registration-net"
 #: Extra network passes per frame by default (see Registrar): on held-out simulated patients a
 #: second pass lowered the TRE of the bundled model further on every case tried.
 DEFAULT_REFINEMENTS = 1
-# A refinement pass reuses a CT volume already sampled on a grid this close to the one it wants
-# (the grid moved by the frame's first estimate). The network corrects offsets of 10-25 degrees
-# and many mm, so a grid within 2 mm and 2 degrees of the estimate is as good an input; breathing
-# moves the kidney well under 1 mm per frame, so consecutive frames share one resampled volume
-# instead of paying one full-volume resample each (about a third of the refined frame's cost).
+# A registration pass whose estimate stays this close to the grid it ran on needs no refinement,
+# and a refinement reuses a CT volume already sampled on a grid this close to the one it wants.
+# The network corrects offsets of 10-25 degrees and many mm, so a grid within 2 mm and 2 degrees
+# of the estimate is as good an input; breathing moves the kidney well under 1 mm per frame, so
+# consecutive frames share one resampled volume (a full-volume resample costs about a third of a
+# refined frame) and, tracked from the previous frame's grid, mostly need a single pass.
 REFINEMENT_REUSE_MM = 2.0
 REFINEMENT_REUSE_DEG = 2.0
 # Refinement volumes kept for reuse (the most recent are searched first).
@@ -502,6 +503,23 @@ class _WindowBatch:
     moving: torch.Tensor
     grids: NDArray[np.float64]  # (B, 4, 4) G of each window
     P_mid: NDArray[np.float64]  # (B, 4, 4)
+
+
+def _take(batch: _WindowBatch, index: NDArray[np.int64]) -> _WindowBatch:
+    """The windows ``index`` of a batch."""
+    return _WindowBatch(
+        batch.fixed[index], batch.moving[index], batch.grids[index], batch.P_mid[index]
+    )
+
+
+def _grids_close(a: NDArray[np.float64], b: NDArray[np.float64]) -> bool:
+    """Whether two grid matrices are within the refinement reuse tolerance of each other."""
+    relative = np.linalg.inv(a) @ b
+    cos = np.clip((np.trace(relative[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)
+    return bool(
+        np.linalg.norm(relative[:3, 3]) <= REFINEMENT_REUSE_MM
+        and math.degrees(math.acos(cos)) <= REFINEMENT_REUSE_DEG
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -947,49 +965,47 @@ class Registrar:
         grids = np.stack([self.grids[g].matrix for g in grid_ids])
         return _WindowBatch(fixed, moving, grids, np.stack(list(P_mid)))
 
-    def _infer(
-        self, batch: _WindowBatch, *, with_terms: bool = True
-    ) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
-        """``M`` of each window's middle frame and its loss terms (no gradients).
-
-        ``with_terms=False`` skips the loss terms (an empty dict): a pass that another follows.
-        """
+    def _forward(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], torch.Tensor]:
+        """``M`` of each window's middle frame and the network's ``(B, Nw, 4, 4)`` output."""
         mid = int(self.config.window) // 2
         with torch.inference_mode():
-            output = self.net(batch.fixed, batch.moving)
-            D = output.matrices[:, mid].detach().to(torch.float64).cpu().numpy()
-            matrices = np.asarray(batch.grids @ D @ batch.P_mid, dtype=np.float64)
-            if not with_terms:
-                return matrices, {}
-            terms = fim_loss(output.matrices, batch.fixed, batch.moving, self.config)
+            output = self.net(batch.fixed, batch.moving).matrices
+        D = output[:, mid].detach().to(torch.float64).cpu().numpy()
+        return np.asarray(batch.grids @ D @ batch.P_mid, dtype=np.float64), output
+
+    def _terms(self, batch: _WindowBatch, output: torch.Tensor) -> dict[str, NDArray[Any]]:
+        """Per-window loss terms of the network output ``output`` on ``batch``."""
+        mid = int(self.config.window) // 2
+        with torch.inference_mode():
+            terms = fim_loss(output, batch.fixed, batch.moving, self.config)
             motion, _, _ = motion_loss(
-                output.matrices,
+                output,
                 self.config.motion_identity_weight,
                 self.config.motion_smoothness_weight,
             )
-        values = {
+        return {
             "loss": terms.per_sample.detach().double().cpu().numpy(),
             "dice": terms.dice[:, mid].detach().double().cpu().numpy(),
             "mind": terms.mind_difference.detach().double().cpu().numpy(),
             "motion": motion.detach().double().cpu().numpy(),
         }
-        return matrices, values
+
+    def _infer(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
+        """``M`` of each window's middle frame and its loss terms (one pass, no gradients)."""
+        matrices, output = self._forward(batch)
+        return matrices, self._terms(batch, output)
 
     def _refined_volume(
         self, grid: NDArray[np.float64]
     ) -> tuple[NDArray[np.float64], torch.Tensor]:
         """A cached refinement grid near ``grid`` and its CT volume, or ``grid`` freshly sampled.
 
-        Reuse: translation of the grid centre <= :data:`REFINEMENT_REUSE_MM` and rotation
-        between the two <= :data:`REFINEMENT_REUSE_DEG`.
+        The grid returned becomes the most recent one (the tracking grid).
         """
-        for cached, volume in reversed(self._refined):
-            relative = np.linalg.inv(cached) @ grid
-            cos = np.clip((np.trace(relative[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)
-            if (
-                np.linalg.norm(relative[:3, 3]) <= REFINEMENT_REUSE_MM
-                and math.degrees(math.acos(cos)) <= REFINEMENT_REUSE_DEG
-            ):
+        for index in range(len(self._refined) - 1, -1, -1):
+            cached, volume = self._refined[index]
+            if _grids_close(cached, grid):
+                self._refined.append(self._refined.pop(index))
                 return cached, volume
         volume = sample_grid(
             self._cache, self._cache_origin, self.profile.spacing, grid, self.profile
@@ -1004,22 +1020,54 @@ class Registrar:
     def _infer_refined(
         self, batch: _WindowBatch
     ) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
-        """:meth:`_infer`, then :attr:`refinements` passes on grids moved by the estimate.
+        """Registration with up to :attr:`refinements` extra passes on grids moved by the estimate.
 
-        Pass ``r + 1`` samples the CT on ``G' = M @ P^-1`` (the grid moved by the middle frame's
-        estimate ``M = G @ D @ P``) and its output ``D'`` gives ``M' = G' @ D' @ P``. The loss
-        terms are those of the last pass. ``G'`` is replaced by a recently sampled grid within
-        :data:`REFINEMENT_REUSE_MM` / :data:`REFINEMENT_REUSE_DEG` of it when there is one
-        (:meth:`_refined_volume`).
+        A pass on grid ``G`` gives ``M = G @ D @ P``; when ``G' = M @ P^-1`` (the grid moved by
+        the estimate) is not within :data:`REFINEMENT_REUSE_MM` / :data:`REFINEMENT_REUSE_DEG`
+        of ``G``, the CT is sampled on ``G'`` (or on a recently sampled grid close to it) and the
+        window passes again, ``M' = G' @ D' @ P``. The first pass runs on the initial grid, or,
+        once a frame has been refined, on the grid of the latest refined frame (tracking:
+        breathing moves the kidney well under 1 mm per frame, so most frames then need one
+        pass). The loss terms are those of each window's last pass.
         """
-        matrices, values = self._infer(batch, with_terms=self.refinements == 0)
-        for index in range(self.refinements):
-            wanted = matrices @ np.linalg.inv(batch.P_mid)
-            chosen = [self._refined_volume(grid) for grid in wanted]
-            grids = np.stack([grid for grid, _ in chosen])
-            moving = torch.stack([volume for _, volume in chosen])
-            batch = _WindowBatch(batch.fixed, moving, grids, batch.P_mid)
-            matrices, values = self._infer(batch, with_terms=index == self.refinements - 1)
+        if self.refinements == 0:
+            return self._infer(batch)
+        n = len(batch.grids)
+        current = batch
+        if self._refined:
+            grid, volume = self._refined[-1]
+            current = _WindowBatch(
+                batch.fixed,
+                volume[None].expand(n, *volume.shape),
+                np.repeat(grid[None], n, axis=0),
+                batch.P_mid,
+            )
+        matrices = np.empty((n, 4, 4))
+        values: dict[str, NDArray[Any]] = {}
+        pending = np.arange(n)
+        for index in range(self.refinements + 1):
+            estimate, output = self._forward(current)
+            wanted = estimate @ np.linalg.inv(current.P_mid)
+            last = index == self.refinements
+            finished = np.array(
+                [last or _grids_close(g, w) for g, w in zip(current.grids, wanted, strict=True)]
+            )
+            done = np.flatnonzero(finished)
+            if len(done):
+                matrices[pending[done]] = estimate[done]
+                for name, value in self._terms(_take(current, done), output[done]).items():
+                    values.setdefault(name, np.empty(n))[pending[done]] = value
+            rest = np.flatnonzero(~finished)
+            if not len(rest):
+                break
+            chosen = [self._refined_volume(w) for w in wanted[rest]]
+            current = _WindowBatch(
+                current.fixed[rest],
+                torch.stack([volume for _, volume in chosen]),
+                np.stack([grid for grid, _ in chosen]),
+                current.P_mid[rest],
+            )
+            pending = pending[rest]
         return matrices, values
 
     def initial_alignment(self, prepared: PreparedSequence) -> NDArray[np.float64]:

@@ -91,6 +91,27 @@ def test_supervised_pretraining_lowers_the_pose_error(cohort: Path, tmp_path: Pa
         pretrain(cohort, tmp_path / "supervised.pt", resume=True, **settings)
 
 
+def test_pretraining_can_start_from_given_weights(cohort: Path, tmp_path: Path) -> None:
+    settings = {**COMMON, "epochs": 1, "pairs": 2, "batch_size": 2, "val_fraction": 0.0}
+    source = tmp_path / "source.pt"
+    pretrain(cohort, source, **{**settings, "seed": 1})
+    # A learning rate too small to move the weights: the run ends where it started.
+    tuned = pretrain(
+        cohort, tmp_path / "tuned.pt", initial_weights=source, **{**settings, "lr": 1e-12}
+    )
+    start = _state(source)["model"]
+    for name, value in tuned.model.state_dict().items():
+        torch.testing.assert_close(value, start[name], atol=1e-6, rtol=0.0)
+    assert _state(tmp_path / "tuned.pt")["training"]["initial_weights"] == str(source)
+    # Seed 0 alone starts elsewhere, and weights of another configuration are refused.
+    fresh = pretrain(cohort, tmp_path / "fresh.pt", **{**settings, "lr": 1e-12})
+    assert any(
+        not torch.allclose(value, start[name]) for name, value in fresh.model.state_dict().items()
+    )
+    with pytest.raises(InputError, match="another network configuration"):
+        pretrain(cohort, tmp_path / "x.pt", initial_weights=source, window=3, **settings)
+
+
 def test_negative_supervision_is_rejected(cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--supervision"):
         pretrain(cohort, tmp_path / "x.pt", epochs=1, pairs=2, **{**COMMON, "supervision": -1.0})

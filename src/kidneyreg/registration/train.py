@@ -380,6 +380,20 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
             )
 
 
+def _initial_state(path: Path, config: RegistrationConfig) -> dict[str, Any]:
+    """The weights of a registration checkpoint made for ``config`` (``--from``)."""
+    payload = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    if "model" not in payload or "config" not in payload:
+        raise InputError(path, "is not a registration model checkpoint (no weights or config)")
+    if payload["config"] != config.to_dict():
+        raise InputError(
+            path,
+            "was made for another network configuration (profile, window or ablation switches): "
+            "its weights cannot start this run",
+        )
+    return dict(payload["model"])
+
+
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -422,6 +436,7 @@ def pretrain(
     features: FeatureSource = "masks",
     feature_models: FeatureModels | None = None,
     supervision: float = 1.0,
+    initial_weights: str | Path | None = None,
     window: int | None = None,
     use_mind: bool = True,
     use_decoder: bool = True,
@@ -453,6 +468,9 @@ def pretrain(
         feature_models: Feature networks for ``"network"`` (None: the profile's bundled ones).
         supervision: Weight of the known pose of each generated pair (module docstring); 0 is
             the paper's unsupervised pretraining.
+        initial_weights: A registration checkpoint (e.g. the bundled model) whose weights start
+            the run instead of random ones: fine-tuning on another cohort (other patients,
+            another probe approach). Its network configuration must be this run's.
         window: Nw (1, 3 or 5); None: the profile's.
         use_mind: False = the "without MIND loss" ablation.
         use_decoder: False = the "without decoder layers" ablation.
@@ -564,6 +582,7 @@ def pretrain(
             val_cases=[c.case_id for c in val_cases],
             world_size=context.world_size,
         )
+        settings["initial_weights"] = None if initial_weights is None else str(initial_weights)
         if state is not None:
             _check_resume(state["training"], settings, checkpoint)
             if state["training"].get("world_size") != context.world_size:
@@ -575,6 +594,9 @@ def pretrain(
 
         torch.manual_seed(int(seed))
         model = RegistrationNet(config).to(dev)
+        if state is None and initial_weights is not None:
+            model.load_state_dict(_initial_state(Path(initial_weights), config))
+            say(f"weights from {initial_weights}")
         optimizer = torch.optim.Adam(model.parameters(), lr=float(lr))
         history: list[dict[str, float]] = []
         best: dict[str, Any] | None = None
