@@ -60,6 +60,36 @@ def test_each_us_frame_comes_from_the_window_it_centres(
         assert np.allclose(out[k], expected, atol=1e-5), k
 
 
+class _CountingIdentity(nn.Module):
+    """A stand-in network that returns its input and counts the windows it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows += int(x.shape[0])
+        return x.clone()
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_strided_windows_give_every_frame_its_own_output(
+    tiny_model: Callable[[str], Path], n: int
+) -> None:
+    model = load_feature_model(tiny_model("us"), modality="us")
+    middle = model.config.window // 2
+    frames = np.stack([np.full((48, 64), k / 10.0, np.float32) for k in range(n)])
+    for stride in range(1, middle + 2):
+        counter = _CountingIdentity()
+        model.net = counter  # type: ignore[assignment]
+        out = predict_us_frames(model, frames, stride=stride)
+        # Each frame's map is the network's output at that frame's own position.
+        np.testing.assert_allclose(out[:, 0, 0], np.arange(n) / 10.0, atol=1e-5)
+        assert counter.windows == -(-n // stride), stride
+    with pytest.raises(ValueError, match="stride"):
+        predict_us_frames(model, frames, stride=middle + 2)
+
+
 def test_us_maps_return_to_the_original_pixel_grid(tiny_model: Callable[[str], Path]) -> None:
     model = load_feature_model(tiny_model("us"), modality="us")
     frames, _ = us_frames(n=3, rows=70, cols=45)

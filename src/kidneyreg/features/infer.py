@@ -267,14 +267,20 @@ def predict_ct(model: FeatureModel, ct: sitk.Image, *, clean: bool = True) -> si
     return back
 
 
-def predict_us_frames(model: FeatureModel, frames: NDArray[np.floating]) -> NDArray[np.float32]:
+def predict_us_frames(
+    model: FeatureModel, frames: NDArray[np.floating], *, stride: int = 1
+) -> NDArray[np.float32]:
     """Per-frame kidney probabilities of normalised U/S frames at the model's pixel size.
 
-    Frame ``k``'s map is the middle frame of the network's output on the window centred on ``k``.
+    Windows of ``Nw`` frames are centred every ``stride`` frames; frame ``k``'s map is the
+    output frame of the window it is nearest the middle of (``stride=1``: frame ``k``'s own
+    window, its middle output frame). A stride ``s <= Nw // 2 + 1`` keeps every frame within
+    ``Nw // 2`` of its window's middle and costs ``1 / s`` of the network time.
 
     Args:
         model: A U/S feature model.
         frames: ``(n, rows, cols)`` in [0, 1], pixel size ``model.config.spacing``.
+        stride: Frames between consecutive window centres.
 
     Returns:
         float32 ``(n, rows, cols)``.
@@ -287,12 +293,23 @@ def predict_us_frames(model: FeatureModel, frames: NDArray[np.floating]) -> NDAr
     n = array.shape[0]
     window = model.config.window
     middle = window // 2
+    if not 1 <= int(stride) <= middle + 1:
+        raise ValueError(
+            f"stride must be in 1..{middle + 1} for a window of {window}, got {stride}"
+        )
+    stride = int(stride)
+    # Window j is centred on frame j * stride + stride // 2 (the last one clipped to the end)
+    # and serves frames j * stride .. j * stride + stride - 1.
+    n_windows = -(-n // stride)
+    centres = np.minimum(np.arange(n_windows) * stride + stride // 2, n - 1)
     out = np.empty(array.shape, dtype=np.float32)
-    for first in range(0, n, _FRAMES_PER_BATCH):
-        centres = range(first, min(n, first + _FRAMES_PER_BATCH))
-        batch = np.stack([array[window_indices(n, k, window)] for k in centres])
-        probs = _sliding(model, torch.from_numpy(batch)[:, None])
-        out[first : first + len(centres)] = probs[:, 0, middle].numpy()
+    for first in range(0, n_windows, _FRAMES_PER_BATCH):
+        chosen = centres[first : first + _FRAMES_PER_BATCH]
+        batch = np.stack([array[window_indices(n, int(c), window)] for c in chosen])
+        probs = _sliding(model, torch.from_numpy(batch)[:, None])[:, 0].numpy()
+        for j, centre in enumerate(chosen, start=first):
+            for k in range(j * stride, min(n, (j + 1) * stride)):
+                out[k] = probs[j - first, middle + k - int(centre)]
     return out
 
 
@@ -302,8 +319,12 @@ def _frames_image(values: NDArray[Any], spacing: tuple[float, float]) -> sitk.Im
     return image
 
 
-def predict_us(model: FeatureModel, sequence: UltrasoundSequence) -> NDArray[np.float32]:
+def predict_us(
+    model: FeatureModel, sequence: UltrasoundSequence, *, stride: int = 1
+) -> NDArray[np.float32]:
     """Kidney probabilities ``(n, rows, cols)`` of a U/S sequence on its own pixel grid.
+
+    ``stride``: as :func:`predict_us_frames`.
 
     Example:
         >>> seq = read_us_sequence("us.nii.gz")  # doctest: +SKIP
@@ -312,7 +333,7 @@ def predict_us(model: FeatureModel, sequence: UltrasoundSequence) -> NDArray[np.
     """
     spacing = model.config.spacing
     resampled, _ = resample_us_frames(sequence.frames, sequence.pixel_size, spacing)
-    probs = predict_us_frames(model, normalize_us(resampled))
+    probs = predict_us_frames(model, normalize_us(resampled), stride=stride)
     # Back to the original pixels: both grids start at U/S image mm (0, 0).
     reference = _frames_image(np.zeros(sequence.shape, np.float32), sequence.pixel_size)
     back = sitk.Resample(
