@@ -515,3 +515,19 @@ def test_grid_resample_labels_and_outside() -> None:
     far = pp.RegistrationGrid.around([5000.0, 0.0, 0.0], TINY)
     assert np.all(far.resample(labels, interpolator="nearest", default_value=7) == 7)
     assert np.all(far.resample(labels, default_value=-1000.0) == -1000.0)
+
+
+def test_prefiltered_frames_give_the_same_windows() -> None:
+    rng = np.random.default_rng(4)
+    frames = rng.random((7, 260, 300)).astype(np.float32)  # 0.3 mm pixels, cpu profile 1.6 mm
+    filtered = pp.antialias_frames(frames, (0.3, 0.3), "cpu")
+    assert filtered.shape == frames.shape and filtered.std() < frames.std()
+    for centre, uv in ((0, (45.0, 39.0)), (3, (40.0, 30.0)), (6, (60.0, 50.0))):
+        direct = pp.build_us_window(frames, (0.3, 0.3), centre, uv, "cpu").volume
+        prefiltered = pp.build_us_window(
+            filtered, (0.3, 0.3), centre, uv, "cpu", antialias=False
+        ).volume
+        np.testing.assert_allclose(prefiltered, direct, atol=1e-4)
+    # Frames already at (or coarser than) the profile's spacing are not filtered.
+    coarse = rng.random((3, 40, 50)).astype(np.float32)
+    np.testing.assert_array_equal(pp.antialias_frames(coarse, (2.0, 2.0), "cpu"), coarse)

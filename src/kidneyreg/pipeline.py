@@ -77,6 +77,7 @@ from kidneyreg.io.us import UltrasoundSequence
 from kidneyreg.preprocess import (
     CT_AIR_HU,
     RegistrationGrid,
+    antialias_frames,
     build_us_window,
     kidney_centroid,
     normalize_ct,
@@ -438,11 +439,28 @@ class PreparedSequence:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     source: str = "<memory>"
+    _filtered: dict[float, tuple[NDArray[np.float32], NDArray[np.float32]]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def n_frames(self) -> int:
         """Number of frames."""
         return int(self.frames.shape[0])
+
+    def filtered(self, profile: Profile) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Feature maps and frames anti-aliased for the profile's spacing (computed once).
+
+        See :func:`kidneyreg.preprocess.antialias_frames`: windows are then built without
+        filtering the same frame again for each window it belongs to.
+        """
+        key = float(profile.spacing)
+        if key not in self._filtered:
+            self._filtered[key] = (
+                antialias_frames(self.features, self.pixel_size, profile),
+                antialias_frames(self.frames, self.pixel_size, profile),
+            )
+        return self._filtered[key]
 
     def kidney_masks(self) -> NDArray[np.uint8]:
         """The masks, or the feature maps thresholded at :data:`FEATURE_THRESHOLD`."""
@@ -944,10 +962,10 @@ class Registrar:
         nx = int(self.profile.volume_shape[0])
         x0 = nx // 2 - nw // 2
         layers = [
-            build_us_window(values, prepared.pixel_size, centre, uv, self.profile).volume[
-                ..., x0 : x0 + nw
-            ]
-            for values in (prepared.features, prepared.frames)
+            build_us_window(
+                values, prepared.pixel_size, centre, uv, self.profile, antialias=False
+            ).volume[..., x0 : x0 + nw]
+            for values in prepared.filtered(self.profile)
         ]
         compact = torch.from_numpy(np.clip(np.stack(layers), 0.0, 1.0))
         return compact, window_transforms(uv, self.profile)[nw // 2]
