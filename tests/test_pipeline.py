@@ -345,7 +345,10 @@ def test_anchor_keeps_the_adapted_estimates_near_the_pretrained_ones(
     drift = {}
     for weight in (0.0, 50.0):
         registrar.reset()
-        registrar.adapt(prepared, frames_idx=centres, epochs=4, lr=5e-3, anchor_weight=weight)
+        record = registrar.adapt(
+            prepared, frames_idx=centres, epochs=4, lr=5e-3, anchor_weight=weight
+        )
+        assert record.anchor_weight == weight and record.to_dict()["anchor_weight"] == weight
         moved = registrar.register(prepared).matrices - start
         drift[weight] = float(np.abs(moved[:, :3, 3]).mean())
     assert drift[0.0] > 0

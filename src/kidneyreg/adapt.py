@@ -187,7 +187,7 @@ def fine_tune(
 
     Example:
         >>> log = fine_tune(net, inputs_of, 58, epochs=2)  # doctest: +SKIP
-        >>> log.steps
+        >>> log.steps  # doctest: +SKIP
         116
     """
     if int(n_windows) < 1:
@@ -258,6 +258,7 @@ class AdaptationRecord:
         seconds: Wall-clock time, window preparation included (the onsite cost).
         loss_history: FIM loss of every step.
         epoch_losses: Mean loss of each epoch.
+        anchor_weight: Weight of the pull towards the pretrained estimates (0: the paper's).
 
     Example:
         >>> record = AdaptationRecord("one-shot", 5, 5, (30,), (0, 58), 3e-4, 1, 4.2)
@@ -275,6 +276,7 @@ class AdaptationRecord:
     seconds: float
     loss_history: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
+    anchor_weight: float = 0.0
 
     @property
     def frame_range(self) -> tuple[int, int]:
@@ -297,6 +299,7 @@ class AdaptationRecord:
             "lr": float(self.lr),
             "batch_size": int(self.batch_size),
             "seconds": float(self.seconds),
+            "anchor_weight": float(self.anchor_weight),
             "loss_history": [float(v) for v in self.loss_history],
             "epoch_losses": [float(v) for v in self.epoch_losses],
         }

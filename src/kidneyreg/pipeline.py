@@ -1226,6 +1226,7 @@ class Registrar:
             seconds=time.perf_counter() - started,
             loss_history=log.loss_history,
             epoch_losses=log.epoch_losses,
+            anchor_weight=float(anchor_weight),
         )
         return self.adaptation
 

@@ -224,6 +224,7 @@ def render_ct(
         ValueError: On an unknown phase or a negative noise level.
 
     Example:
+        >>> from kidneyreg.simulate.anatomy import generate_anatomy
         >>> anatomy = generate_anatomy(0, spacing=3.0)
         >>> ct = render_ct(anatomy, seed=0, output_spacing=(3.0, 3.0, 3.0))
         >>> ct.GetPixelID() == sitk.sitkFloat32

@@ -197,7 +197,7 @@ class UltrasoundRenderer:
 
     Example:
         >>> renderer = UltrasoundRenderer(labels, geometry, m_probe, params)  # doctest: +SKIP
-        >>> frames = renderer.render(matrices)  # (n, rows, cols) uint8
+        >>> frames = renderer.render(matrices)  # (n, rows, cols) uint8  # doctest: +SKIP
     """
 
     def __init__(
