@@ -2,7 +2,9 @@
 
 For each profile it simulates one case (seed 0, two breathing cycles), builds a
 :class:`kidneyreg.pipeline.Registrar` with the case's kidney masks (so the timings are those of
-the registration path, not of the feature networks) and measures, as medians over repeated runs:
+the registration path, not of the feature networks; ``--us-network`` takes the U/S maps from
+the bundled feature network instead, as ``kidneyreg register`` does, its time counted in the
+U/S preparation) and measures, as medians over repeated runs:
 
 * ``register``: :meth:`Registrar.register` on the whole prepared sequence, milliseconds per frame
   (windows built, batched network inference with the per-frame FIM loss terms, ``M_k``
@@ -41,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kidneyreg.pipeline import DEFAULT_REFINEMENTS
+
 
 def _model(profile: str, path: Path | None, slab: int | None) -> Any:
     from kidneyreg.pipeline import load_registration_model
@@ -71,10 +75,11 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         ct_mask=case.ct_kidney_mask,
         device=args.device,
         batch_size=args.batch_size,
+        refinements=args.refinements,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = registrar.prepare(sequence, case.us_kidney_mask)
+        prepared = registrar.prepare(sequence, None if args.us_network else case.us_kidney_mask)
     n = prepared.n_frames
 
     registrar.register(prepared)  # warm-up: allocator, oneDNN primitives, CUDA kernels
@@ -91,7 +96,7 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         frame = registrar.register_frame(
             case.frames[window],
             pixel_size=(case.pixel_size, case.pixel_size),
-            masks=case.us_kidney_mask[window],
+            masks=None if args.us_network else case.us_kidney_mask[window],
         )
         stream.append(1000.0 * frame.seconds)
 
@@ -112,6 +117,8 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": "checkpoint " + str(args.model) if args.model else "fresh network",
         "decoder_slab_half_width": config.decoder_slab_half_width,
         "batch_size": registrar.batch_size,
+        "refinements": registrar.refinements,
+        "us_features": "network" if args.us_network else "masks",
         "register_ms_per_frame": statistics.median(per_frame),
         "register_ms_per_frame_min": min(per_frame),
         "register_with_us_preparation_ms_per_frame": statistics.median(with_prep),
@@ -144,6 +151,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="Windows per forward pass.")
     parser.add_argument("--adapt-batch-size", type=int, default=1, help="Windows per step.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--refinements", type=int, default=DEFAULT_REFINEMENTS, help="Extra passes per frame."
+    )
+    parser.add_argument(
+        "--us-network",
+        action="store_true",
+        help="U/S feature maps from the bundled network (its time is in '+ U/S prep').",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
     if args.repeats < 1 or args.adapt_repeats < 0:
