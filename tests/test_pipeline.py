@@ -319,6 +319,12 @@ def test_checkpoints(tmp_path: Path) -> None:
         load_registration_model(None, profile="paper")
 
 
+def _reuse_tolerance(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
+    """Set the refinement reuse tolerance (mm and degrees) for one test."""
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", value)
+    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", value)
+
+
 def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,8 +332,7 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     from kidneyreg.registration.transformer import embed_window
 
     # No reuse of nearby refinement grids: every frame is refined on a grid of its own.
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", 0.0)
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", 0.0)
+    _reuse_tolerance(monkeypatch, 0.0)
     net = tiny_net(identity=False, seed=3)
     single = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
     prepared = single.prepare(sequence, case.us_kidney_mask, detect=False)
@@ -379,8 +384,7 @@ def test_refinement_grids_are_shared_between_nearby_frames(
     case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The untrained network moves the poses by ~1.6 mm: a tolerance below that makes it refine.
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", 0.5)
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", 0.5)
+    _reuse_tolerance(monkeypatch, 0.5)
     net = tiny_net(identity=False, seed=3)
     registrar = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=1)
     prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
@@ -390,8 +394,7 @@ def test_refinement_grids_are_shared_between_nearby_frames(
     np.testing.assert_array_equal(registrar.register(prepared).matrices, shared.matrices)
     # Sharing a grid within the tolerance changes the poses by less than the tolerance.
     tolerance_mm = pipeline.REFINEMENT_REUSE_MM
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", 0.0)
-    monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_DEG", 0.0)
+    _reuse_tolerance(monkeypatch, 0.0)
     own = registrar.register(prepared)
     assert own.extras["refinement_volumes"] == prepared.n_frames
     shift = np.linalg.norm(own.matrices[:, :3, 3] - shared.matrices[:, :3, 3], axis=1)
