@@ -707,11 +707,6 @@ class Registrar:
         self._refined: list[tuple[NDArray[np.float64], torch.Tensor]] = []
         #: CT volumes sampled for refinement passes since the last :meth:`register`.
         self.refinement_volumes = 0
-        #: Start each window on the latest refined frame's grid instead of the initial grid.
-        #: Off by default: it saves most first passes, but after one-cycle adaptation the
-        #: estimates fed back frame to frame can drift (a held-out group B case went from TRE
-        #: 8.2 to 19.5 mm with it).
-        self.tracking = False
         self.ct_seconds = time.perf_counter() - started
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -1029,7 +1024,7 @@ class Registrar:
     ) -> tuple[NDArray[np.float64], torch.Tensor]:
         """A cached refinement grid near ``grid`` and its CT volume, or ``grid`` freshly sampled.
 
-        The grid returned becomes the most recent one (the tracking grid).
+        The grid returned becomes the most recently used one (the last to be evicted).
         """
         for index in range(len(self._refined) - 1, -1, -1):
             cached, volume = self._refined[index]
@@ -1054,23 +1049,16 @@ class Registrar:
         A pass on grid ``G`` gives ``M = G @ D @ P``; when ``G' = M @ P^-1`` (the grid moved by
         the estimate) is not within :data:`REFINEMENT_REUSE_MM` / :data:`REFINEMENT_REUSE_DEG`
         of ``G``, the CT is sampled on ``G'`` (or on a recently sampled grid close to it) and the
-        window passes again, ``M' = G' @ D' @ P``. The first pass runs on the initial grid, or,
-        with :attr:`tracking` and once a frame has been refined, on the grid of the latest
-        refined frame (breathing moves the kidney well under 1 mm per frame, so most frames then
-        need one pass). The loss terms are those of each window's last pass.
+        window passes again, ``M' = G' @ D' @ P``. The loss terms are those of each window's last
+        pass.
         """
         if self.refinements == 0:
             return self._infer(batch)
+        # Every window starts on its initial grid. Starting on the previous frame's refined grid
+        # instead saves most first passes, but after one-cycle adaptation the estimates fed back
+        # from frame to frame drifted (a held-out group B case: TRE 8.2 -> 19.5 mm).
         n = len(batch.grids)
         current = batch
-        if self.tracking and self._refined:
-            grid, volume = self._refined[-1]
-            current = _WindowBatch(
-                batch.fixed,
-                volume[None].expand(n, *volume.shape),
-                np.repeat(grid[None], n, axis=0),
-                batch.P_mid,
-            )
         matrices = np.empty((n, 4, 4))
         values: dict[str, NDArray[Any]] = {}
         pending = np.arange(n)
