@@ -71,7 +71,12 @@ from kidneyreg.checkpoint import load_checkpoint
 from kidneyreg.cycles import CycleDetection, breathing_signal, detect_cycles, first_cycle_frames
 from kidneyreg.errors import InputError
 from kidneyreg.features.data import normalize_us
-from kidneyreg.geometry import DEFAULT_POSE_ROTATION, make_rigid
+from kidneyreg.geometry import (
+    DEFAULT_POSE_ROTATION,
+    invert_rigid,
+    make_rigid,
+    rotation_angle_deg,
+)
 from kidneyreg.io.transforms import TransformSequence
 from kidneyreg.io.us import UltrasoundSequence
 from kidneyreg.preprocess import (
@@ -532,11 +537,10 @@ def _take(batch: _WindowBatch, index: NDArray[np.int64]) -> _WindowBatch:
 
 def _grids_close(a: NDArray[np.float64], b: NDArray[np.float64]) -> bool:
     """Whether two grid matrices are within the refinement reuse tolerance of each other."""
-    relative = np.linalg.inv(a) @ b
-    cos = np.clip((np.trace(relative[:3, :3]) - 1.0) / 2.0, -1.0, 1.0)
+    relative = invert_rigid(a) @ b
     return bool(
         np.linalg.norm(relative[:3, 3]) <= REFINEMENT_REUSE_MM
-        and math.degrees(math.acos(cos)) <= REFINEMENT_REUSE_DEG
+        and rotation_angle_deg(relative) <= REFINEMENT_REUSE_DEG
     )
 
 
@@ -798,19 +802,19 @@ class Registrar:
         )
         self._cache_origin = cache_grid.index_to_world(np.zeros(3))
 
+    def _sample_moving(self, grid_matrix: NDArray[np.float64]) -> torch.Tensor:
+        """The CT feature map and normalised CT sampled on a grid, ``(2, D, H, W)`` on device."""
+        volume = sample_grid(
+            self._cache, self._cache_origin, self.profile.spacing, grid_matrix, self.profile
+        ).clamp_(0.0, 1.0)
+        return volume.to(self.device)
+
     def moving_volume(self, grid_id: int) -> torch.Tensor:
         """The CT feature map and normalised CT on grid ``grid_id``: ``(2, D, H, W)`` on device."""
         if grid_id in self._moving:
             self._moving.move_to_end(grid_id)
             return self._moving[grid_id]
-        volume = sample_grid(
-            self._cache,
-            self._cache_origin,
-            self.profile.spacing,
-            self.grids[grid_id].matrix,
-            self.profile,
-        ).clamp_(0.0, 1.0)
-        volume = volume.to(self.device)
+        volume = self._sample_moving(self.grids[grid_id].matrix)
         self._moving[grid_id] = volume
         if len(self._moving) > _MOVING_CACHE:
             self._moving.popitem(last=False)
@@ -821,7 +825,6 @@ class Registrar:
         self.net.load_state_dict(self._pretrained_state)
         self.net.eval()
         self.adaptation = None
-        self._refined.clear()
 
     # -- U/S side -------------------------------------------------------------------------------
 
@@ -1031,10 +1034,7 @@ class Registrar:
             if _grids_close(cached, grid):
                 self._refined.append(self._refined.pop(index))
                 return cached, volume
-        volume = sample_grid(
-            self._cache, self._cache_origin, self.profile.spacing, grid, self.profile
-        ).clamp_(0.0, 1.0)
-        volume = volume.to(self.device)
+        volume = self._sample_moving(grid)
         self.refinement_volumes += 1
         self._refined.append((grid, volume))
         if len(self._refined) > _REFINED_CACHE:
