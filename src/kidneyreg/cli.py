@@ -189,6 +189,20 @@ def train_features(
         Path | None,
         typer.Option("--export", help="Also write a compact float16 copy of the best model."),
     ] = None,
+    from_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Start from this feature model's weights (fine-tuning), not random ones.",
+        ),
+    ] = None,
+    tissue_contrast: Annotated[
+        bool,
+        typer.Option(
+            "--tissue-contrast",
+            help="CT: also shift each simulated tissue's HU at random (needs labels.nii.gz).",
+        ),
+    ] = False,
 ) -> None:
     """Train the CT or U/S kidney feature network (ULBNet) on case folders."""
     from kidneyreg.features.train import default_train_settings, export_model, train_from_folder
@@ -211,6 +225,7 @@ def train_features(
         batch_size=batch_size,
         learning_rate=lr,
         seed=seed,
+        tissue_contrast=tissue_contrast,
     )
     result = train_from_folder(
         modality,
@@ -222,6 +237,7 @@ def train_features(
         resume=resume,
         device=device,
         log=typer.echo,
+        initial_weights=from_checkpoint,
     )
     typer.echo(f"wrote {result.checkpoint}, {result.best} and {result.log}")
     if export is not None:

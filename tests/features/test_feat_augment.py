@@ -11,13 +11,16 @@ from kidneyreg.features.augment import (
     RandomCurve,
     RandomIntensity,
     RandomSpatial,
+    RandomTissueContrast,
     SpatialParams,
     apply_blur,
     apply_curve,
     apply_intensity,
     apply_spatial,
+    apply_tissue_contrast,
     default_augmentation,
 )
+from kidneyreg.simulate.tissues import Tissue
 
 
 def test_intensity_is_deterministic_given_its_parameters() -> None:
@@ -118,3 +121,45 @@ def test_intensity_curve_changes_relative_contrast() -> None:
         assert knots is not None and all(0.0 <= k <= 1.0 for k in knots)
         assert max(abs(k - i / 5) for i, k in enumerate(knots)) <= 0.25 + 1e-9
     assert RandomCurve(probability=0.0).sample(torch.Generator()) is None
+
+
+def test_tissue_contrast_shifts_each_tissue_by_its_offset() -> None:
+    tissues = torch.zeros(4, 6, 6, dtype=torch.uint8)
+    tissues[:, :, :3] = int(Tissue.MUSCLE)
+    tissues[:, :, 3:] = int(Tissue.CORTEX)
+    image = torch.full((1, 4, 6, 6), 0.4)
+    offsets = torch.zeros(256)
+    offsets[int(Tissue.MUSCLE)] = -30.0
+    offsets[int(Tissue.CORTEX)] = 60.0
+    sharp = apply_tissue_contrast(image, tissues, offsets, edge_sigma=0)
+    assert torch.allclose(sharp[0, :, :, :3], torch.tensor(0.4 - 30 / 600))
+    assert torch.allclose(sharp[0, :, :, 3:], torch.tensor(0.4 + 60 / 600))
+    # Blurred offsets: the same far from the boundary, a ramp across it (monotonic).
+    smooth = apply_tissue_contrast(image, tissues, offsets, edge_sigma=0.75)
+    row = smooth[0, 2, 3]
+    assert torch.allclose(row[0], sharp[0, 2, 3, 0], atol=1e-4)
+    assert torch.all(row[1:] >= row[:-1] - 1e-6) and row[2] > row[0] and row[3] < row[5]
+    with pytest.raises(ValueError, match="same size"):
+        apply_tissue_contrast(image, tissues[:2], offsets)
+    with pytest.raises(ValueError, match="256"):
+        apply_tissue_contrast(image, tissues, torch.zeros(10))
+
+
+def test_random_tissue_contrast_is_reproducible_and_spares_air_and_bone() -> None:
+    sampler = RandomTissueContrast(probability=1.0)
+    a = sampler.sample(torch.Generator().manual_seed(1))
+    b = sampler.sample(torch.Generator().manual_seed(1))
+    assert a is not None and b is not None and torch.equal(a, b)
+    for tissue in (Tissue.AIR, Tissue.BONE, Tissue.GAS, Tissue.LUNG):
+        assert a[int(tissue)] == 0.0
+    draws = torch.stack(
+        [sampler.sample(torch.Generator().manual_seed(seed)) for seed in range(300)]  # type: ignore[misc]
+    )
+    # Cortex and medulla share the parenchyma offset: strongly correlated, wider than muscle.
+    cortex, medulla = draws[:, int(Tissue.CORTEX)], draws[:, int(Tissue.MEDULLA)]
+    assert float(torch.corrcoef(torch.stack([cortex, medulla]))[0, 1]) > 0.7
+    assert float(cortex.std()) > float(draws[:, int(Tissue.MUSCLE)].std())
+    never = RandomTissueContrast(probability=0.0)
+    assert never.sample(torch.Generator().manual_seed(1)) is None
+    with pytest.raises(ValueError):
+        RandomTissueContrast(probability=1.5)

@@ -12,6 +12,7 @@ import torch
 
 from conftest import blob_volume, ellipsoid, us_frames, write_ct_case, write_us_case
 from kidneyreg.errors import InputError
+from kidneyreg.features.augment import RandomTissueContrast
 from kidneyreg.features.config import feature_config
 from kidneyreg.features.data import (
     CaseData,
@@ -24,6 +25,7 @@ from kidneyreg.features.data import (
     split_by_patient,
 )
 from kidneyreg.io.image import read_ct
+from kidneyreg.simulate.tissues import Tissue
 
 
 def test_find_cases_in_both_layouts(tmp_path: Path) -> None:
@@ -142,3 +144,36 @@ def test_us_patches_are_windows_centred_on_kidney_frames() -> None:
     image, mask = sampler.sample(torch.Generator().manual_seed(1))
     assert image.shape == (1, 3, 48, 64)
     assert float(mask[0, 1].sum()) > 0 and float(mask[0, 0].sum()) == 0  # middle frame = 2
+
+
+def test_ct_case_keeps_the_tissue_map_and_patches_are_recoloured(tmp_path: Path) -> None:
+    folder = write_ct_case(tmp_path / "case_000")
+    ct = sitk.ReadImage(str(folder / "ct.nii.gz"))
+    kidney = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ct_kidney_mask.nii.gz")))
+    labels = np.where(kidney > 0, int(Tissue.CORTEX), int(Tissue.FAT)).astype(np.uint8)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(ct)
+    sitk.WriteImage(image, str(folder / "labels.nii.gz"))
+    config = feature_config("ct", "tiny")
+    (files,) = find_cases(tmp_path, "ct")
+    case = load_case(files, config)
+    assert case.tissues is not None and case.tissues.shape == case.image.shape
+    # The tissue map follows the (reoriented, resampled, cropped) image: its cortex is the kidney
+    # mask up to boundary voxels (nearest-neighbour labels, interpolated mask).
+    cortex, kidney = case.tissues == int(Tissue.CORTEX), case.mask.astype(bool)
+    assert 2 * (cortex & kidney).sum() / (cortex.sum() + kidney.sum()) > 0.85
+    plain = PatchSampler([case], config, kidney_fraction=1.0)
+    recoloured = PatchSampler([case], config, 1.0, RandomTissueContrast(probability=1.0))
+    a, mask_a = plain.sample(torch.Generator().manual_seed(2))
+    b, mask_b = recoloured.sample(torch.Generator().manual_seed(2))
+    assert torch.equal(mask_a, mask_b)  # same patch, only the intensities change
+    assert not torch.allclose(a, b)
+    # KiTS cases (no tissue map) pass through the recolouring sampler unchanged.
+    kits_folder = write_ct_case(tmp_path / "kits" / "case_0", layout="kits")
+    kits = load_case(find_cases(kits_folder, "ct")[0], config)
+    assert kits.tissues is None
+    kits_plain = PatchSampler([kits], config, 1.0).sample(torch.Generator().manual_seed(3))
+    kits_recoloured = PatchSampler([kits], config, 1.0, RandomTissueContrast(probability=1.0))
+    assert torch.equal(kits_plain[0], kits_recoloured.sample(torch.Generator().manual_seed(3))[0])
+    with pytest.raises(ValueError, match="tissues"):
+        CaseData.from_arrays("bad", case.image, case.mask, case.tissues[:1])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +164,60 @@ def test_train_from_folder_writes_every_file_and_exports(tmp_path: Path) -> None
     model = load_feature_model(exported, modality="ct")
     assert model.config == feature_config("ct", "tiny")
     assert next(model.net.parameters()).dtype == torch.float32
+
+
+def test_training_can_start_from_given_weights(tmp_path: Path) -> None:
+    config = feature_config("ct", "tiny")
+    train, val = _blob_cases()
+    settings = TrainSettings(epochs=1, steps_per_epoch=2, batch_size=2, val_patches=2)
+    first = train_feature_net(config, train, val, settings, tmp_path / "a.pt", progress=False)
+    zero = TrainSettings(
+        epochs=1, steps_per_epoch=1, batch_size=2, val_patches=2, learning_rate=1e-12
+    )
+    tuned = train_feature_net(
+        config, train, val, zero, tmp_path / "b.pt", progress=False, initial_weights=first.best
+    )
+    start = _state(first.net)
+    for key, value in _state(tuned.net).items():
+        assert torch.allclose(value, start[key], atol=1e-6), key
+    frames, masks = us_frames(n=5, rows=56, cols=72)
+    other = train_feature_net(
+        feature_config("us", "tiny", window=3),
+        [CaseData.from_arrays("us", normalize_us(frames), masks)],
+        [],
+        settings,
+        tmp_path / "us.pt",
+        progress=False,
+    )
+    with pytest.raises(InputError, match="same modality"):
+        train_feature_net(
+            config, train, val, zero, tmp_path / "c.pt", progress=False, initial_weights=other.best
+        )
+
+
+def test_tissue_contrast_setting_recolours_the_training_patches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kidneyreg.features.data as data_module
+
+    calls = []
+    original = data_module.apply_tissue_contrast
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "apply_tissue_contrast", counting)
+    config = feature_config("ct", "tiny")
+    image, mask = blob_volume(1)
+    tissues = np.where(mask > 0, 9, 2).astype(np.uint8)  # cortex in muscle
+    cases = [CaseData.from_arrays("t", image, mask, tissues)]
+    for flag in (False, True):
+        settings = TrainSettings(
+            epochs=1, steps_per_epoch=3, batch_size=2, val_patches=0, tissue_contrast=flag
+        )
+        train_feature_net(config, cases, [], settings, tmp_path / f"{flag}.pt", progress=False)
+        if not flag:
+            assert not calls  # off: patches as rendered
+    assert len(calls) >= 2  # on: most of the 6 patches recoloured (probability 0.8)
+    assert default_train_settings("cpu").tissue_contrast is False

@@ -39,6 +39,7 @@ import torch
 from numpy.typing import NDArray
 
 from kidneyreg.errors import InputError
+from kidneyreg.features.augment import RandomTissueContrast, apply_tissue_contrast
 from kidneyreg.features.config import FeatureNetConfig
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.us import read_us_mask, read_us_sequence
@@ -223,16 +224,23 @@ class CaseData:
         image: float16 ``(D, H, W)`` normalised CT, or ``(n_frames, rows, cols)`` U/S frames.
         mask: uint8 0/1, same shape.
         kidney_voxels: int32 ``(K, 3)`` indices of the kidney voxels (patch centres).
+        tissues: uint8 simulator tissue labels on the image grid (CT of a simulated case), used by
+            the tissue-contrast augmentation; None for other data.
     """
 
     name: str
     image: NDArray[np.float16]
     mask: NDArray[np.uint8]
     kidney_voxels: NDArray[np.int32]
+    tissues: NDArray[np.uint8] | None = None
 
     @classmethod
     def from_arrays(
-        cls, name: str, image: NDArray[np.floating], mask: NDArray[np.integer]
+        cls,
+        name: str,
+        image: NDArray[np.floating],
+        mask: NDArray[np.integer],
+        tissues: NDArray[np.integer] | None = None,
     ) -> CaseData:
         """Build a case from normalised arrays (e.g. synthetic data in tests)."""
         image = np.asarray(image)
@@ -241,8 +249,18 @@ class CaseData:
             raise ValueError(
                 f"image and mask must be 3D of the same shape, got {image.shape} and {mask.shape}"
             )
+        if tissues is not None and np.shape(tissues) != image.shape:
+            raise ValueError(
+                f"tissues must have the image's shape {image.shape}, got {np.shape(tissues)}"
+            )
         binary = (mask != 0).astype(np.uint8)
-        return cls(name, image.astype(np.float16), binary, np.argwhere(binary).astype(np.int32))
+        return cls(
+            name,
+            image.astype(np.float16),
+            binary,
+            np.argwhere(binary).astype(np.int32),
+            None if tissues is None else np.asarray(tissues).astype(np.uint8),
+        )
 
 
 def normalize_us(frames: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[np.float32]:
@@ -293,14 +311,27 @@ def read_ct_target(files: CaseFiles, ct: sitk.Image) -> sitk.Image:
     return read_mask(files.mask, ct, kind="kidney mask", labels=files.labels)
 
 
-def _bounding_crop(
-    image: NDArray[np.float32], mask: NDArray[np.uint8], margin: Sequence[int]
-) -> tuple[NDArray[np.float32], NDArray[np.uint8]]:
+def _bounding_box(mask: NDArray[np.uint8], margin: Sequence[int]) -> tuple[slice, ...]:
+    """The mask's bounding box grown by ``margin`` voxels on every side (within the array)."""
     where = np.argwhere(mask)
     lo = np.maximum(where.min(axis=0) - np.asarray(margin), 0)
     hi = np.minimum(where.max(axis=0) + 1 + np.asarray(margin), mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    return image[box], mask[box]
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def _tissues_on(files: CaseFiles, ct: sitk.Image, prepared: sitk.Image) -> NDArray[np.uint8] | None:
+    """The simulator's tissue labels on the prepared CT grid, or None (other data, other grid)."""
+    if files.tissue_labels is None:
+        return None
+    labels = sitk.ReadImage(str(files.tissue_labels))
+    if labels.GetSize() != ct.GetSize() or not np.allclose(
+        labels.GetSpacing(), ct.GetSpacing(), rtol=1e-4
+    ):
+        return None
+    labels.CopyInformation(ct)
+    oriented = reorient_rai(sitk.Cast(labels, sitk.sitkUInt8), interpolator="nearest")
+    on_grid = sitk.Resample(oriented, prepared, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(on_grid).astype(np.uint8)
 
 
 def _pad_to(array: NDArray[_Scalar], shape: Sequence[int], value: float) -> NDArray[_Scalar]:
@@ -328,10 +359,14 @@ def load_case(files: CaseFiles, config: FeatureNetConfig) -> CaseData:
         if not mask.any():
             raise InputError(files.mask, f"kidney mask vanishes at {config.spacing} mm")
         image = normalize_ct(sitk.GetArrayViewFromImage(prepared))
-        image, mask = _bounding_crop(image, mask, patch)
+        tissues = _tissues_on(files, ct, prepared)
+        box = _bounding_box(mask, patch)
         # Normalised air is 0; pad small volumes so that a whole patch always fits.
-        image = _pad_to(image, patch, 0.0)
-        mask = _pad_to(mask, patch, 0)
+        image = _pad_to(image[box], patch, 0.0)
+        mask = _pad_to(mask[box], patch, 0)
+        if tissues is not None:
+            tissues = _pad_to(tissues[box], patch, 0)
+        return CaseData.from_arrays(files.name, image, mask, tissues)
     else:
         sequence = read_us_sequence(files.image, min_frames=1)
         us_mask = read_us_mask(files.mask, sequence)
@@ -380,6 +415,8 @@ class PatchSampler:
         cases: Preprocessed cases (every axis at least the patch size, frames excepted).
         config: Network configuration (patch size, modality).
         kidney_fraction: Probability that a patch is centred on kidney.
+        tissue_contrast: Recolour the tissues of CT patches whose case has a tissue label map
+            (:class:`~kidneyreg.features.augment.RandomTissueContrast`); None leaves them as read.
 
     Example:
         >>> sampler = PatchSampler([case], feature_config("ct", "tiny"))  # doctest: +SKIP
@@ -393,6 +430,7 @@ class PatchSampler:
         cases: Sequence[CaseData],
         config: FeatureNetConfig,
         kidney_fraction: float = 2.0 / 3.0,
+        tissue_contrast: RandomTissueContrast | None = None,
     ) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
@@ -401,6 +439,7 @@ class PatchSampler:
         self.cases = list(cases)
         self.config = config
         self.kidney_fraction = float(kidney_fraction)
+        self.tissue_contrast = tissue_contrast
         us = config.modality == "us"
         needed = config.patch_size[1:] if us else config.patch_size
         for case in self.cases:
@@ -432,6 +471,16 @@ class PatchSampler:
             ]
             box = tuple(slice(s, s + p) for s, p in zip(starts, patch, strict=True))
             image, mask = case.image[box], case.mask[box]
+            if self.tissue_contrast is not None:
+                # Drawn for every patch, so the generator's sequence does not depend on the data.
+                offsets = self.tissue_contrast.sample(generator)
+                if offsets is not None and case.tissues is not None:
+                    recoloured = apply_tissue_contrast(
+                        torch.from_numpy(image.astype(np.float32))[None],
+                        torch.from_numpy(case.tissues[box]),
+                        offsets,
+                    )
+                    image = recoloured[0].numpy()
         else:
             n_frames = case.image.shape[0]
             centre = int(anchor[0]) if anchor is not None else _randint(n_frames, generator)
