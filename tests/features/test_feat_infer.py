@@ -77,9 +77,9 @@ def test_strided_windows_give_every_frame_its_own_output(
     tiny_model: Callable[[str], Path], n: int
 ) -> None:
     model = load_feature_model(tiny_model("us"), modality="us")
-    middle = model.config.window // 2
+    window = model.config.window
     frames = np.stack([np.full((48, 64), k / 10.0, np.float32) for k in range(n)])
-    for stride in range(1, middle + 2):
+    for stride in range(1, window + 1):
         counter = _CountingIdentity()
         model.net = counter  # type: ignore[assignment]
         out = predict_us_frames(model, frames, stride=stride)
@@ -87,7 +87,7 @@ def test_strided_windows_give_every_frame_its_own_output(
         np.testing.assert_allclose(out[:, 0, 0], np.arange(n) / 10.0, atol=1e-5)
         assert counter.windows == -(-n // stride), stride
     with pytest.raises(ValueError, match="stride"):
-        predict_us_frames(model, frames, stride=middle + 2)
+        predict_us_frames(model, frames, stride=window + 1)
 
 
 def test_us_maps_return_to_the_original_pixel_grid(tiny_model: Callable[[str], Path]) -> None:

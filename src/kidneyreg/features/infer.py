@@ -274,8 +274,9 @@ def predict_us_frames(
 
     Windows of ``Nw`` frames are centred every ``stride`` frames; frame ``k``'s map is the
     output frame of the window it is nearest the middle of (``stride=1``: frame ``k``'s own
-    window, its middle output frame). A stride ``s <= Nw // 2 + 1`` keeps every frame within
-    ``Nw // 2`` of its window's middle and costs ``1 / s`` of the network time.
+    window, its middle output frame). Any stride up to ``Nw`` keeps every frame inside its
+    window (at most ``stride // 2`` frames from the middle) and costs ``1 / stride`` of the
+    network time; ``stride = Nw`` tiles the sequence with disjoint windows.
 
     Args:
         model: A U/S feature model.
@@ -293,10 +294,8 @@ def predict_us_frames(
     n = array.shape[0]
     window = model.config.window
     middle = window // 2
-    if not 1 <= int(stride) <= middle + 1:
-        raise ValueError(
-            f"stride must be in 1..{middle + 1} for a window of {window}, got {stride}"
-        )
+    if not 1 <= int(stride) <= window:
+        raise ValueError(f"stride must be in 1..{window} for a window of {window}, got {stride}")
     stride = int(stride)
     # Window j is centred on frame j * stride + stride // 2 (the last one clipped to the end)
     # and serves frames j * stride .. j * stride + stride - 1.
