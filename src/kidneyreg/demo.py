@@ -54,7 +54,7 @@ from kidneyreg.errors import InputError
 from kidneyreg.evaluation.evaluate import CASE_FILES, EvaluationResult, evaluate_case
 from kidneyreg.evaluation.metrics import summarise
 from kidneyreg.features.infer import FeatureModel, bundled_model_path, load_feature_model
-from kidneyreg.io.atomic import atomic_write_text
+from kidneyreg.io.atomic import atomic_write_text, replace_folder
 from kidneyreg.io.image import read_ct
 from kidneyreg.io.transforms import TransformSequence
 from kidneyreg.io.us import read_us_sequence
@@ -63,8 +63,7 @@ from kidneyreg.report import Table, write_report
 from kidneyreg.results import (
     OUTPUT_FILES,
     RegistrationResult,
-    _json_ready,
-    _replace_folder,
+    json_ready,
     write_registration_outputs,
 )
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data, write_case
@@ -561,7 +560,7 @@ def _publish(staging: Path, final: Path) -> None:
     os.umask(umask)
     # mkdtemp makes a private folder; the output gets the usual permissions.
     os.chmod(staging, 0o777 & ~umask)
-    _replace_folder(staging, final)
+    replace_folder(staging, final)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,7 +739,7 @@ def run_demo(
             "timing": timings,
             "warnings": warnings,
         }
-        atomic_write_text(staging / MARKER_FILE, json.dumps(_json_ready(document), indent=2) + "\n")
+        atomic_write_text(staging / MARKER_FILE, json.dumps(json_ready(document), indent=2) + "\n")
         md, html = write_report(
             staging,
             title=f"kidneyreg demo: synthetic patient {settings.seed}",

@@ -93,7 +93,7 @@ from kidneyreg.profiles import PROFILES, Profile, get_profile
 from kidneyreg.registration.config import RegistrationConfig
 from kidneyreg.registration.loss import fim_loss, motion_loss
 from kidneyreg.registration.network import RegistrationNet
-from kidneyreg.registration.pairs import _smooth_ct_feature, _smooth_us_features, sample_grid
+from kidneyreg.registration.pairs import sample_grid, smooth_ct_feature, smooth_us_features
 from kidneyreg.registration.transformer import embed_window
 from kidneyreg.results import RegistrationResult
 
@@ -796,7 +796,7 @@ class Registrar:
         )
         feature = cache_grid.resample(feature_image, antialias=True).astype(np.float32)
         if self.feature_source_ct == "masks":
-            feature = _smooth_ct_feature(feature)
+            feature = smooth_ct_feature(feature)
         self._cache = torch.from_numpy(np.stack([np.clip(feature, 0.0, 1.0), ct_array])).to(
             torch.float16
         )
@@ -882,7 +882,7 @@ class Registrar:
                     f"mask grid differs from the U/S sequence: {user_masks.shape} vs "
                     f"{sequence.shape} (frames, rows, cols)",
                 )
-            features = _smooth_us_features(user_masks, pixel_size, self.profile.spacing)
+            features = smooth_us_features(user_masks, pixel_size, self.profile.spacing)
             binary: NDArray[Any] = user_masks
             source = "masks"
         else:

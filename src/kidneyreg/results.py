@@ -50,7 +50,7 @@ from numpy.typing import ArrayLike, NDArray
 from kidneyreg import __version__
 from kidneyreg.errors import InputError
 from kidneyreg.geometry import is_rigid, matrix_to_euler, resample_on_frames
-from kidneyreg.io.atomic import atomic_write_text
+from kidneyreg.io.atomic import atomic_write_text, current_umask, replace_folder
 from kidneyreg.io.image import write_image
 from kidneyreg.io.transforms import (
     PARAMETER_CSV_HEADER,
@@ -66,6 +66,7 @@ __all__ = [
     "OUTPUT_FILES",
     "US_CONTOUR_COLOUR",
     "RegistrationResult",
+    "json_ready",
     "read_registration_result",
     "write_registration_outputs",
 ]
@@ -490,32 +491,33 @@ def _write_staged(
                 highlight=highlight,
             )
     document = _timing_document(result, created, time.perf_counter() - started)
-    atomic_write_text(target("timing"), json.dumps(_json_ready(document), indent=2) + "\n")
+    atomic_write_text(target("timing"), json.dumps(json_ready(document), indent=2) + "\n")
     return written
 
 
-def _json_ready(value: Any) -> Any:
-    """Plain JSON values; NaN and infinities become None (JSON has neither)."""
+def json_ready(value: Any) -> Any:
+    """Plain JSON values: NumPy scalars as Python ones, paths as text, NaN and infinities as None.
+
+    Example:
+        >>> json_ready({"a": (np.float32(1.5), float("nan")), "b": Path("x")})
+        {'a': [1.5, None], 'b': 'x'}
+    """
     if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_ready(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
     return value
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _publish(staging: Path, final: Path, written: Mapping[str, str]) -> None:
     """Move the staged outputs into ``final`` (transforms.json last) and drop stale ones."""
-    umask = _umask()
+    umask = current_umask()
     # Temporary files are private (mode 0600); results get the usual permissions.
     for path in staging.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -526,7 +528,7 @@ def _publish(staging: Path, final: Path, written: Mapping[str, str]) -> None:
         source, destination = staging / rel, final / rel
         destination.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            _replace_folder(source, destination)
+            replace_folder(source, destination)
         else:
             os.replace(source, destination)
     for key, rel in OUTPUT_FILES.items():
@@ -538,21 +540,6 @@ def _publish(staging: Path, final: Path, written: Mapping[str, str]) -> None:
                 stale.unlink(missing_ok=True)
     # transforms.json is the result itself: it appears once everything it refers to is there.
     os.replace(staging / written["transforms"], final / written["transforms"])
-
-
-def _replace_folder(source: Path, destination: Path) -> None:
-    """Replace the folder ``destination`` by ``source``; the old one is deleted afterwards."""
-    if not destination.exists():
-        os.replace(source, destination)
-        return
-    aside = Path(
-        tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent)
-    )
-    try:
-        os.replace(destination, aside / destination.name)
-        os.replace(source, destination)
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_registration_outputs(

@@ -86,10 +86,18 @@ def test_split_is_by_patient_and_reproducible() -> None:
 
 
 def test_patient_key_comes_from_case_json(tmp_path: Path) -> None:
-    for name in ("case_000", "case_001"):
+    for name, seed in (("case_000", 5), ("case_001", 5), ("case_002", 6)):
         folder = write_ct_case(tmp_path / name)
-        (folder / "case.json").write_text(json.dumps({"anatomy_seed": 5, "anatomy_source": "x"}))
-    assert {c.patient for c in find_cases(tmp_path, "ct")} == {"x:5"}
+        (folder / "case.json").write_text(
+            json.dumps({"anatomy_seed": seed, "anatomy_source": "procedural"})
+        )
+    patients = {c.name: c.patient for c in find_cases(tmp_path, "ct")}
+    assert patients["case_000"] == patients["case_001"] != patients["case_002"]
+    # Cases simulated from one real CT are one patient whatever their seed.
+    for name, seed in (("real_0", 1), ("real_1", 2)):
+        folder = write_ct_case(tmp_path / "real" / name)
+        (folder / "case.json").write_text(json.dumps({"anatomy_seed": seed, "anatomy_source": "x"}))
+    assert {c.patient for c in find_cases(tmp_path / "real", "ct")} == {"ct-x"}
 
 
 def test_load_ct_case_resamples_normalises_and_pads(tmp_path: Path) -> None:

@@ -68,9 +68,10 @@ from kidneyreg import __version__
 from kidneyreg.errors import InputError
 from kidneyreg.evaluation.evaluate import CTUS_METRICS, GROUND_TRUTH_METRICS, evaluate_frames
 from kidneyreg.evaluation.metrics import Summary, summarise
-from kidneyreg.io.atomic import atomic_write_text
+from kidneyreg.io.atomic import atomic_write_text, replace_folder
 from kidneyreg.profiles import PROFILES, get_profile
 from kidneyreg.report import Table, write_report
+from kidneyreg.results import json_ready
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -909,7 +910,8 @@ def _read_case_info(folder: Path) -> dict[str, Any]:
 
 
 def _cohort_cases(cohort: Path) -> list[CaseRecord]:
-    from kidneyreg.registration.pairs import _patient_key, find_cases
+    from kidneyreg.io.cases import patient_id
+    from kidneyreg.registration.pairs import find_cases
 
     records = []
     for folder in find_cases(cohort):
@@ -921,7 +923,7 @@ def _cohort_cases(cohort: Path) -> list[CaseRecord]:
                 )
         info = _read_case_info(folder)
         group = str(info.get("group", "")) if info.get("group") in ("A", "B") else ""
-        records.append(CaseRecord(folder.name, folder, _patient_key(folder), group, info))
+        records.append(CaseRecord(folder.name, folder, patient_id(folder), group, info))
     names = [r.case_id for r in records]
     if len(set(names)) != len(names):
         raise InputError(cohort, "holds two case folders of the same name")
@@ -1349,17 +1351,6 @@ def _work_folder(out: Path, fingerprint: dict[str, Any]) -> Path:
     return work
 
 
-def _swap_into_place(stage: Path, final: Path) -> None:
-    """Rename the finished ``stage`` folder onto ``final`` (an old ``final`` is replaced)."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
-
-
 def _pretrain_one(
     spec: TrainingSpec,
     fold: int,
@@ -1646,7 +1637,7 @@ def run_benchmark(
                 "platform": f"{platform.system()} {platform.machine()}",
             },
         }
-        atomic_write_text(stage / "config.json", json.dumps(_json_ready(config), indent=2) + "\n")
+        atomic_write_text(stage / "config.json", json.dumps(json_ready(config), indent=2) + "\n")
         ordered = [built[key] for key in TABLE_KEYS if key in built]
         headline = built.get("table2", ordered[0])
         sections = [
@@ -1677,7 +1668,7 @@ def run_benchmark(
             figures=[(caption, path) for caption, path in figures],
             name="benchmark",
         )
-        _swap_into_place(stage, out)
+        replace_folder(stage, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(stage)
@@ -1697,20 +1688,6 @@ def _torch_version() -> str:
     import torch
 
     return str(torch.__version__)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _default_command(

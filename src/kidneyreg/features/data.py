@@ -27,7 +27,6 @@ Images are cached as float16 (the normalised range needs no more), masks as uint
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from numpy.typing import NDArray
 from kidneyreg.errors import InputError
 from kidneyreg.features.augment import RandomTissueContrast, apply_tissue_contrast
 from kidneyreg.features.config import FeatureNetConfig
+from kidneyreg.io.cases import patient_id
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.preprocess import (
@@ -100,30 +100,18 @@ class CaseFiles:
     tissue_labels: Path | None = None
 
 
-def _patient_key(folder: Path, name: str) -> str:
-    info_file = folder / "case.json"
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return name
-        if isinstance(info, dict) and "anatomy_seed" in info:
-            return f"{info.get('anatomy_source', 'simulated')}:{info['anatomy_seed']}"
-    return name
-
-
 def _case_files(folder: Path, name: str, modality: str) -> CaseFiles | None:
     if modality == "us":
         image, mask = (folder / file for file in _SIM_US)
         if image.is_file() and mask.is_file():
-            return CaseFiles(name, _patient_key(folder, name), image, mask)
+            return CaseFiles(name, patient_id(folder, name), image, mask)
         return None
     image, mask = (folder / file for file in _SIM_CT)
     if image.is_file() and mask.is_file():
         labels = folder / _SIM_LABELS
         return CaseFiles(
             name,
-            _patient_key(folder, name),
+            patient_id(folder, name),
             image,
             mask,
             tissue_labels=labels if labels.is_file() else None,

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "current_umask",
+    "replace_folder",
+]
 
 # Multi-part suffixes that writers (SimpleITK, imageio) recognise by name.
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz", ".seg.nrrd")
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -64,7 +72,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise OSError(f"{final}: writer produced no data")
         # mkstemp creates the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -84,3 +92,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_folder(source: str | Path, destination: str | Path) -> None:
+    """Put the finished folder ``source`` in the place of ``destination`` by renames.
+
+    An existing ``destination`` is first moved aside (into a temporary sibling folder), then
+    ``source`` is renamed onto it, then the old one is deleted: the destination path never holds
+    a half-written folder, and a failure before the second rename leaves the old one in the
+    temporary folder rather than destroying it. Both folders must be on the same file system.
+
+    Example:
+        >>> replace_folder("out.staging", "out")  # doctest: +SKIP
+    """
+    source, destination = Path(source), Path(destination)
+    if not destination.exists():
+        os.replace(source, destination)
+        return
+    aside = Path(
+        tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent)
+    )
+    try:
+        os.replace(destination, aside / destination.name)
+        os.replace(source, destination)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

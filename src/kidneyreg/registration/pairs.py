@@ -39,7 +39,6 @@ all frames or one per frame) replaces the default initial pose, as ``--init`` do
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from torch.utils.data import Dataset
 from kidneyreg.errors import InputError
 from kidneyreg.features.data import normalize_us
 from kidneyreg.geometry import euler_to_matrix, invert_rigid, matrix_to_euler
+from kidneyreg.io.cases import patient_id
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import TransformSequence, read_tfm, read_transforms_json
 from kidneyreg.io.us import UltrasoundSequence, read_us_mask, read_us_sequence
@@ -90,6 +90,8 @@ __all__ = [
     "pair_rng",
     "reference_offsets",
     "sample_grid",
+    "smooth_ct_feature",
+    "smooth_us_features",
     "split_cases",
 ]
 
@@ -283,15 +285,25 @@ def _cache_grid(ct: sitk.Image, centre: NDArray[np.float64], profile: Profile) -
     return RegistrationGrid.around(middle, box)
 
 
-def _smooth_ct_feature(fraction: NDArray[np.float32]) -> NDArray[np.float32]:
+def smooth_ct_feature(fraction: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A CT kidney mask (or kidney fraction) on the registration grid as a soft feature map.
+
+    Training pairs and registration both turn given masks into feature maps this way, so that a
+    model trained on masks sees the same maps at inference.
+    """
     return np.asarray(
         ndimage.gaussian_filter(fraction, _FEATURE_SIGMA_VOXELS, mode="constant"), dtype=np.float32
     )
 
 
-def _smooth_us_features(
+def smooth_us_features(
     mask: NDArray[Any], pixel_size: tuple[float, float], spacing: float
 ) -> NDArray[np.float32]:
+    """U/S kidney masks ``(frames, rows, cols)`` as soft feature maps, blurred in-plane only.
+
+    The blur is the CT map's (:func:`smooth_ct_feature`) expressed in mm at the registration
+    ``spacing``, converted to the frames' own ``pixel_size`` ``(sx, sy)``.
+    """
     sigma_mm = _FEATURE_SIGMA_VOXELS * spacing
     sigma = (0.0, sigma_mm / pixel_size[1], sigma_mm / pixel_size[0])  # frames, rows, cols
     return np.asarray(
@@ -310,23 +322,6 @@ def _read_references(folder: Path, n_frames: int) -> TransformSequence:
             )
         return read_transforms_json(path).broadcast_to(n_frames)
     raise InputError(folder, f"has no reference poses ({', '.join(REFERENCE_FILES)})")
-
-
-def _patient_key(folder: Path) -> str:
-    info_path = folder / "case.json"
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(info_path, "is not a readable JSON file") from None
-        if isinstance(info, dict):
-            if "patient" in info:
-                return str(info["patient"])
-            if "anatomy_seed" in info and info.get("anatomy_source") == "procedural":
-                return f"procedural-{info['anatomy_seed']}"
-            if "anatomy_source" in info and info.get("anatomy_source") != "procedural":
-                return f"ct-{info['anatomy_source']}"
-    return folder.name
 
 
 def _network_features(
@@ -386,7 +381,7 @@ def load_case(
     frames = normalize_us(sequence.frames)
     if features == "masks":
         ct_feature_source = sitk.Cast(mask, sitk.sitkFloat32)
-        us_features = _smooth_us_features(us_mask, pixel_size, prof.spacing)
+        us_features = smooth_us_features(us_mask, pixel_size, prof.spacing)
     elif features == "network":
         ct_feature_source, us_features = _network_features(ct, sequence, feature_models)
     else:
@@ -396,7 +391,7 @@ def load_case(
     ct_array = normalize_ct(grid.resample(ct, default_value=-1000.0, antialias=True))
     feature = grid.resample(ct_feature_source, antialias=True).astype(np.float32)
     if features == "masks":
-        feature = _smooth_ct_feature(feature)
+        feature = smooth_ct_feature(feature)
     cache = torch.from_numpy(np.stack([np.clip(feature, 0.0, 1.0), ct_array])).to(torch.float16)
 
     centroids = np.full((sequence.n_frames, 2), np.nan)
@@ -408,7 +403,7 @@ def load_case(
     return CohortCase(
         case_id=root.name,
         folder=root,
-        patient=_patient_key(root),
+        patient=patient_id(root),
         profile=prof,
         ct_centroid=centre,
         cache=cache,
