@@ -399,3 +399,29 @@ def test_refinement_grids_are_shared_between_nearby_frames(
     assert own.extras["refinement_volumes"] == prepared.n_frames
     shift = np.linalg.norm(own.matrices[:, :3, 3] - shared.matrices[:, :3, 3], axis=1)
     assert 0.0 < float(shift.max()) < tolerance_mm
+
+
+def test_network_kidney_centroid_ignores_small_false_regions(
+    case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kidneyreg.features.infer as infer
+
+    truth = case.us_kidney_mask.astype(np.float32)
+    blob = np.zeros_like(truth)
+    blob[:, :3, :3] = 1.0  # a small response in a far corner of every frame
+    assert not (truth[:, :4, :4]).any()
+
+    class _Model:
+        config = dataclasses.make_dataclass("C", [("window", int)])(int(tiny_config().window))
+
+    monkeypatch.setattr(Registrar, "_us_model_loaded", lambda self: _Model())
+    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: truth + blob)
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    with pytest.warns(BreathingNotDetectedWarning):
+        from_network = registrar.prepare(sequence)
+        from_masks = registrar.prepare(sequence, case.us_kidney_mask)
+    np.testing.assert_allclose(from_network.centroids, from_masks.centroids, atol=1e-9)
+    assert from_network.features[:, 1, 1].min() == 1.0  # the map itself is left as predicted
+    np.testing.assert_array_equal(
+        pipeline.largest_region_per_frame(truth + blob), truth.astype(bool)
+    )
