@@ -185,3 +185,7 @@ def test_ct_case_keeps_the_tissue_map_and_patches_are_recoloured(tmp_path: Path)
     assert torch.equal(kits_plain[0], kits_recoloured.sample(torch.Generator().manual_seed(3))[0])
     with pytest.raises(ValueError, match="tissues"):
         CaseData.from_arrays("bad", case.image, case.mask, case.tissues[:1])
+    # A label map on another grid (here: shifted origin) is not taken as the CT's tissue map.
+    image.SetOrigin(tuple(o + 5.0 for o in ct.GetOrigin()))
+    sitk.WriteImage(image, str(folder / "labels.nii.gz"))
+    assert load_case(find_cases(folder, "ct")[0], config).tissues is None

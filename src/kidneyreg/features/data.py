@@ -41,7 +41,7 @@ from kidneyreg.errors import InputError
 from kidneyreg.features.augment import RandomTissueContrast, apply_tissue_contrast
 from kidneyreg.features.config import FeatureNetConfig
 from kidneyreg.io.cases import patient_id
-from kidneyreg.io.image import read_ct, read_mask
+from kidneyreg.io.image import grid_difference, read_ct, read_mask
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.preprocess import (
     CT_AIR_HU,
@@ -312,11 +312,9 @@ def _tissues_on(files: CaseFiles, ct: sitk.Image, prepared: sitk.Image) -> NDArr
     if files.tissue_labels is None:
         return None
     labels = sitk.ReadImage(str(files.tissue_labels))
-    if labels.GetSize() != ct.GetSize() or not np.allclose(
-        labels.GetSpacing(), ct.GetSpacing(), rtol=1e-4
-    ):
+    if grid_difference(labels, ct) is not None:
         return None
-    labels.CopyInformation(ct)
+    labels.CopyInformation(ct)  # equal within tolerance: take the CT's exact numbers
     oriented = reorient_rai(sitk.Cast(labels, sitk.sitkUInt8), interpolator="nearest")
     on_grid = sitk.Resample(oriented, prepared, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return sitk.GetArrayFromImage(on_grid).astype(np.uint8)

@@ -27,6 +27,7 @@ from kidneyreg.io.atomic import atomic_path
 
 __all__ = [
     "MAX_CT_SPACING_MM",
+    "grid_difference",
     "read_ct",
     "read_image",
     "read_mask",
@@ -369,8 +370,11 @@ def read_ct(path: str | Path) -> sitk.Image:
     return image
 
 
-def _grid_difference(image: sitk.Image, reference: sitk.Image) -> str | None:
-    """Describe how ``image``'s grid differs from ``reference``'s, or None when it matches."""
+def grid_difference(image: sitk.Image, reference: sitk.Image) -> str | None:
+    """Describe how ``image``'s grid differs from ``reference``'s, or None when it matches.
+
+    Size exactly; spacing, origin and direction within the tolerances :func:`read_mask` accepts.
+    """
 
     def show(values: Sequence[float] | np.ndarray) -> str:
         return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
@@ -420,7 +424,7 @@ def read_mask(
     path = Path(path)
     image = _as_volume(read_image(path, kind=kind), path, kind)
     if reference is not None:
-        difference = _grid_difference(image, reference)
+        difference = grid_difference(image, reference)
         if difference is not None:
             raise InputError(path, f"{kind} grid differs from the image: {difference}")
     values = sitk.GetArrayViewFromImage(image)
