@@ -295,6 +295,16 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     out.mkdir()
     (out / "stale.txt").write_text("old run", encoding="utf-8")
     args = ["benchmark", "--quick", "--out", str(out), "--tables", "table4", "--seed", "1"]
+    work = tmp_path / ".bench.benchmark-work"
+    # One fold alone (as one of several parallel processes would): work only, no report.
+    result = runner.invoke(app, [*args, "--only-fold", "1"])
+    assert result.exit_code == 0, result.output
+    assert "run again without --only-fold" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+    assert (work / "fold_1" / "full.pt").is_file() and not (work / "fold_0").exists()
+    fold_1_results = sorted((work / "fold_1" / "results").glob("*.json"))
+    assert fold_1_results
+    stamps = {p: p.stat().st_mtime_ns for p in [work / "fold_1" / "full.pt", *fold_1_results]}
     result = runner.invoke(app, [*args, "--keep-work"])
     assert result.exit_code == 0, result.output
     assert "Table 4" in result.output and f"wrote {out / 'benchmark.md'}" in result.output
@@ -302,7 +312,9 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("*.csv")) == ["frames.csv", "table4.csv"]
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["settings"]["seed"] == 1 and config["settings"]["tables"] == ["table4"]
-    work = tmp_path / ".bench.benchmark-work"
+    # The fold done alone was reused, not redone.
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {c["fold"] for c in config["cases"]} == {0, 1}
     assert (work / "fold_0" / "full.pt").is_file() and (work / "cohort").is_dir()
     # The same settings again: checkpoints and per-case results are reused, same outputs.
     before = {
@@ -316,6 +328,14 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     assert resumed["case_runs"] == config["case_runs"]
     assert not work.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+
+
+def test_only_fold_out_of_range_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"--only-fold: folds are numbered 0\.\.1, got 2"):
+        run_benchmark(None, tmp_path / "out", quick=True, only_folds=[0, 2], device="cpu")
+    with pytest.raises(InputError, match="got none"):
+        run_benchmark(None, tmp_path / "out", quick=True, only_folds=[], device="cpu")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_bad_tables_is_one_line_error(

@@ -1278,10 +1278,10 @@ def _settings(
             "folds": 5,
             "cases": 20,
             "frames": None,
-            "epochs": 5,
+            "epochs": 2,
             "pairs": 1000,
             "val_fraction": 0.2,
-            "repeats": 5,
+            "repeats": 3,
             "adapt_epochs": None,
             "network": {},
             "val_per_case": 8,
@@ -1440,14 +1440,15 @@ def run_benchmark(
     device: str = "auto",
     baselines: Sequence[str | Path] = (),
     keep_work: bool = False,
+    only_folds: Sequence[int] | None = None,
     command: str | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
-) -> BenchmarkResult:
+) -> BenchmarkResult | None:
     """Run the benchmark (see the module docstring) and write its report into ``out_dir``.
 
     Defaults depend on ``quick``: the full setting is profile ``cpu``, 5 folds, 20 simulated cases,
-    two breathing cycles per case, 5 epochs of 1000 pairs, 5 Appendix H repeats and the paper's
+    two breathing cycles per case, 2 epochs of 1000 pairs, 3 Appendix H repeats and the paper's
     adaptation epochs; ``quick`` is profile ``tiny`` with a narrow network, 2 folds, 4 cases of 10
     frames, 1 epoch of 4 pairs, no validation split, 2 repeats and 1 adaptation epoch (a structure
     check for CI, not a measurement).
@@ -1473,15 +1474,20 @@ def run_benchmark(
         device: ``auto``, ``cpu``, ``cuda``...
         baselines: Baseline per-frame result CSVs (module docstring).
         keep_work: Keep the work folder (cohort, checkpoints) after a successful run.
+        only_folds: Run only these folds (0-based) into the work folder and write no report, so
+            that several processes (one per core or machine sharing the folder) can share the
+            folds; a later run without it reuses their checkpoints and results and writes the
+            report. None runs every fold.
         command: Command line shown in the report; None builds a description.
         progress: Show pretraining progress bars.
         log: Called with one-line progress messages.
 
     Returns:
-        The tables, per-frame rows and configuration (:class:`BenchmarkResult`).
+        The tables, per-frame rows and configuration (:class:`BenchmarkResult`); None with
+        ``only_folds`` (nothing is assembled).
 
     Raises:
-        InputError: Bad settings, an unreadable cohort or baseline file.
+        InputError: Bad settings, an unreadable cohort or baseline file, a fold out of range.
 
     Example:
         >>> result = run_benchmark(None, "bench", quick=True)  # doctest: +SKIP
@@ -1514,6 +1520,7 @@ def run_benchmark(
         adapt_epochs=settings.adapt_epochs,
         seed=settings.seed,
     )
+    selected = _selected_folds(only_folds, settings.folds)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
@@ -1553,7 +1560,7 @@ def run_benchmark(
     frames_rows: list[dict[str, Any]] = []
     case_runs: list[dict[str, Any]] = []
     training_runs: list[dict[str, Any]] = []
-    for fold in range(settings.folds):
+    for fold in selected:
         train_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f != fold]
         test_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f == fold]
         fold_dir = work / f"fold_{fold}"
@@ -1583,6 +1590,12 @@ def run_benchmark(
                 )
             frames_rows.extend(rows)
             case_runs.append(description)
+    if only_folds is not None:
+        say(
+            f"fold(s) {', '.join(str(f) for f in selected)} done in {work}; run again without "
+            "--only-fold to write the report"
+        )
+        return None
 
     all_rows = frames_rows + baseline_rows
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -1682,6 +1695,20 @@ def run_benchmark(
         markdown=out / md.name,
         html=out / html.name,
     )
+
+
+def _selected_folds(only_folds: Sequence[int] | None, folds: int) -> list[int]:
+    """The folds a run works on, in order: all of them, or the valid, distinct ``only_folds``."""
+    if only_folds is None:
+        return list(range(folds))
+    chosen = sorted({int(f) for f in only_folds})
+    bad = [f for f in chosen if not 0 <= f < folds]
+    if not chosen or bad:
+        raise InputError(
+            "--only-fold",
+            f"folds are numbered 0..{folds - 1}, got {', '.join(map(str, bad)) or 'none'}",
+        )
+    return chosen
 
 
 def _torch_version() -> str:
