@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import blob_volume, ellipsoid, us_frames, write_ct_case, write_us_case
+from feature_cases import blob_volume, ellipsoid, us_frames, write_ct_case, write_us_case
 from kidneyreg.errors import InputError
 from kidneyreg.features.augment import RandomTissueContrast
 from kidneyreg.features.config import feature_config

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from conftest import us_frames, write_ct_case
+from feature_cases import us_frames, write_ct_case
 from kidneyreg.errors import InputError
 from kidneyreg.features.infer import (
     bundled_model_path,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_volume, us_frames, write_ct_case
+from feature_cases import blob_volume, us_frames, write_ct_case
 from kidneyreg.checkpoint import load_checkpoint
 from kidneyreg.errors import InputError
 from kidneyreg.features.config import feature_config

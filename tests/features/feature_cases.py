@@ -1,18 +1,15 @@
-"""Small synthetic cases and models for the feature-network tests (written with SimpleITK)."""
+"""Small synthetic CT and U/S cases for the feature-network tests (written with SimpleITK).
+
+Plain helpers, imported by name (``from feature_cases import ...``): a module called ``conftest``
+is ambiguous when pytest collects several test folders, each with its own conftest, at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
-import torch
-
-from kidneyreg.checkpoint import save_checkpoint
-from kidneyreg.features.config import feature_config
-from kidneyreg.features.ulbnet import CHECKPOINT_KIND, ULBNet, model_payload
 
 
 def ellipsoid(
@@ -86,25 +83,3 @@ def write_us_case(folder: Path, *, seed: int = 0, pixel: float = 0.8) -> Path:
         image.SetSpacing((pixel, pixel, 1.0))
         sitk.WriteImage(image, str(folder / name))
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One thread: these tiny networks gain nothing from more, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def tiny_model(tmp_path: Path) -> Callable[[str], Path]:
-    """Factory: a randomly initialised ``tiny`` model checkpoint of a modality."""
-
-    def make(modality: str) -> Path:
-        torch.manual_seed(0)
-        net = ULBNet(feature_config(modality, "tiny"))
-        path = tmp_path / f"tiny_{modality}.pt"
-        return save_checkpoint(path, model_payload(net), kind=CHECKPOINT_KIND)
-
-    return make
