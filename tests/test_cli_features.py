@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from kidneyreg.checkpoint import save_checkpoint
+from kidneyreg.checkpoint import load_checkpoint, save_checkpoint
 from kidneyreg.cli import app, main
 from kidneyreg.features.config import feature_config
 from kidneyreg.features.ulbnet import CHECKPOINT_KIND, ULBNet, model_payload
@@ -165,13 +165,19 @@ def test_train_features_command(tmp_path: Path) -> None:
     out = tmp_path / "run" / "ct.pt"
     args = ["train-features", "--modality", "ct", "--data", str(tmp_path / "cohort")]
     options = ["--out", str(out), "--profile", "tiny", "--epochs", "1", "--steps", "1"]
+    scale = ["--patch-scale", "1.5"]
     result = runner.invoke(
-        app, [*args, *options, "--batch-size", "1", "--export", str(tmp_path / "small.pt")]
+        app,
+        [*args, *options, *scale, "--batch-size", "1", "--export", str(tmp_path / "small.pt")],
     )
     assert result.exit_code == 0, result.output
     assert "epoch 1/1" in result.output
+    saved = load_checkpoint(out, kind=CHECKPOINT_KIND)
+    assert saved["settings"]["patch_scale"] == 1.5
     for name in ("ct.pt", "ct.best.pt", "ct.log.csv"):
         assert (tmp_path / "run" / name).is_file()
     assert (tmp_path / "small.pt").is_file()
     bad = runner.invoke(app, [*args, "--out", str(out), "--modality", "mri"])
     assert bad.exit_code != 0
+    bad = runner.invoke(app, [*args, *options, "--patch-scale", "0.5"])
+    assert bad.exit_code != 0 and "--patch-scale" in str(bad.exception or bad.output)

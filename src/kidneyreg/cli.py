@@ -203,6 +203,14 @@ def train_features(
             help="CT: also shift each simulated tissue's HU at random (needs labels.nii.gz).",
         ),
     ] = False,
+    patch_scale: Annotated[
+        float,
+        typer.Option(
+            "--patch-scale",
+            help="Largest factor on the patch size per axis; each step draws its patch size "
+            "between 1x and this (1: fixed patches, as the paper).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Train the CT or U/S kidney feature network (ULBNet) on case folders."""
     from kidneyreg.features.train import default_train_settings, export_model, train_from_folder
@@ -218,6 +226,8 @@ def train_features(
         raise InputError("--window", "is a positive frame count, for --modality us only")
     if lr is not None and not 0 < lr < 1:
         raise InputError("--lr", f"must be a learning rate in (0, 1), got {lr}")
+    if not 1.0 <= patch_scale <= 4.0:
+        raise InputError("--patch-scale", f"must be between 1 and 4, got {patch_scale}")
     settings = default_train_settings(
         profile,
         epochs=epochs,
@@ -226,6 +236,7 @@ def train_features(
         learning_rate=lr,
         seed=seed,
         tissue_contrast=tissue_contrast,
+        patch_scale=patch_scale,
     )
     result = train_from_folder(
         modality,

@@ -143,6 +143,34 @@ def test_patch_sampler_kidney_fraction_and_shapes() -> None:
         PatchSampler([small], config)
 
 
+def test_patch_sampler_takes_other_patch_sizes_that_fit() -> None:
+    config = feature_config("ct", "tiny")  # patch (16, 48, 48)
+    mask = ellipsoid((40, 100, 120), (20, 50, 60), (4, 8, 8)).astype(np.uint8)
+    case = CaseData.from_arrays("blob", 0.2 + 0.5 * mask, mask)
+    other = CaseData.from_arrays("wide", *blob_volume(1, (36, 110, 96)))
+    sampler = PatchSampler([case, other], config, kidney_fraction=1.0)
+    assert sampler.largest_patch == (36, 100, 96)
+    g = torch.Generator().manual_seed(0)
+    image, mask_patch = sampler.sample(g, (32, 96, 64))
+    assert image.shape == mask_patch.shape == (1, 32, 96, 64)
+    with pytest.raises(ValueError, match="does not fit every case"):
+        sampler.sample(g, (48, 48, 48))
+    us = PatchSampler(
+        [
+            CaseData.from_arrays(
+                "us",
+                normalize_us(us_frames(n=4, rows=60, cols=80)[0]),
+                us_frames(n=4, rows=60, cols=80)[1],
+            )
+        ],
+        feature_config("us", "tiny", window=3),
+    )
+    assert us.largest_patch == (3, 60, 80)
+    assert us.sample(g, (3, 48, 80))[0].shape == (1, 3, 48, 80)
+    with pytest.raises(ValueError, match="does not match the us network"):
+        us.sample(g, (5, 48, 64))
+
+
 def test_us_patches_are_windows_centred_on_kidney_frames() -> None:
     config = feature_config("us", "tiny", window=3)
     frames, masks = us_frames(n=4, rows=60, cols=80)

@@ -20,6 +20,7 @@ from kidneyreg.features.train import (
     TrainSettings,
     default_train_settings,
     export_model,
+    random_patch_size,
     soft_dice_loss,
     train_feature_net,
     train_from_folder,
@@ -221,3 +222,46 @@ def test_tissue_contrast_setting_recolours_the_training_patches(
             assert not calls  # off: patches as rendered
     assert len(calls) >= 2  # on: most of the 6 patches recoloured (probability 0.8)
     assert default_train_settings("cpu").tissue_contrast is False
+
+
+def test_random_patch_sizes_stay_between_the_patch_and_the_cap() -> None:
+    config = feature_config("ct", "tiny")  # patch (16, 48, 48), multiples of 16
+    g = torch.Generator().manual_seed(3)
+    sizes = {random_patch_size(config, 2.0, (40, 200, 70), g) for _ in range(60)}
+    assert len(sizes) > 3  # they vary
+    for d, h, w in sizes:
+        assert d in (16, 32) and 48 <= h <= 96 and w in (48, 64)
+        assert h % 16 == 0
+    assert random_patch_size(config, 1.0, (99, 99, 99), g) == config.patch_size
+    us = feature_config("us", "tiny", window=3)
+    for _ in range(20):
+        size = random_patch_size(us, 3.0, (3, 500, 500), g)
+        assert size[0] == 3 and all(n % 16 == 0 for n in size[1:])
+    with pytest.raises(ValueError, match="patch_scale"):
+        TrainSettings(patch_scale=0.5)
+
+
+def test_patch_scale_setting_trains_on_varied_patch_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kidneyreg.features.train as train_module
+
+    shapes: list[tuple[int, ...]] = []
+    original = train_module._batch
+
+    def recording(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = original(*args, **kwargs)
+        shapes.append(tuple(images.shape[2:]))
+        return images, masks
+
+    monkeypatch.setattr(train_module, "_batch", recording)
+    config = feature_config("ct", "tiny")
+    cases = [CaseData.from_arrays("b", *blob_volume(2, (40, 100, 100)))]
+    for scale in (1.0, 2.0):
+        settings = TrainSettings(
+            epochs=1, steps_per_epoch=6, batch_size=1, val_patches=0, patch_scale=scale
+        )
+        train_feature_net(config, cases, [], settings, tmp_path / f"{scale}.pt", progress=False)
+    assert set(shapes[:6]) == {config.patch_size}
+    assert len(set(shapes[6:])) > 1 and all(s[0] <= 32 and s[1] <= 96 for s in shapes[6:])
+    assert default_train_settings("cpu").patch_scale == 1.0

@@ -436,20 +436,49 @@ class PatchSampler:
                     f"{config.patch_size}"
                 )
 
+    @property
+    def largest_patch(self) -> tuple[int, int, int]:
+        """The largest patch every case holds (per axis, the smallest case's size; U/S: the
+        window length on the time axis)."""
+        us = self.config.modality == "us"
+        shapes = np.array([c.image.shape[1:] if us else c.image.shape for c in self.cases])
+        smallest = tuple(int(n) for n in shapes.min(axis=0))
+        if us:
+            return (self.config.patch_size[0], smallest[0], smallest[1])
+        return (smallest[0], smallest[1], smallest[2])
+
     def _start(self, size: int, patch: int, anchor: int | None, generator: torch.Generator) -> int:
         if anchor is None:
             return _randint(size - patch + 1, generator)
         offset = _randint(patch, generator)
         return int(np.clip(anchor - offset, 0, size - patch))
 
-    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One patch: image ``(1, *patch_size)`` float32 and mask ``(1, *patch_size)`` float32."""
+    def sample(
+        self, generator: torch.Generator, patch_size: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One patch: image ``(1, *patch)`` float32 and mask ``(1, *patch)`` float32.
+
+        Args:
+            generator: Source of every random choice.
+            patch_size: Patch ``(D, H, W)``; None: the configuration's. It must fit in every
+                case (:attr:`largest_patch`); for U/S its first entry must be the window.
+        """
+        patch = self.config.patch_size if patch_size is None else tuple(int(n) for n in patch_size)
+        if patch_size is not None:
+            us = self.config.modality == "us"
+            if len(patch) != 3 or (us and patch[0] != self.config.patch_size[0]):
+                raise ValueError(
+                    f"patch_size {patch} does not match the {self.config.modality} network"
+                )
+            if any(n < 1 or n > m for n, m in zip(patch, self.largest_patch, strict=True)):
+                raise ValueError(
+                    f"patch_size {patch} does not fit every case (largest {self.largest_patch})"
+                )
         case = self.cases[_randint(len(self.cases), generator)]
         want_kidney = float(torch.rand((), generator=generator).item()) < self.kidney_fraction
         anchor: NDArray[np.int32] | None = None
         if want_kidney and len(case.kidney_voxels):
             anchor = case.kidney_voxels[_randint(len(case.kidney_voxels), generator)]
-        patch = self.config.patch_size
         if self.config.modality == "ct":
             starts = [
                 self._start(n, p, None if anchor is None else int(anchor[axis]), generator)

@@ -61,6 +61,7 @@ __all__ = [
     "TrainSettings",
     "default_train_settings",
     "export_model",
+    "random_patch_size",
     "soft_dice_loss",
     "train_feature_net",
     "train_from_folder",
@@ -97,6 +98,13 @@ class TrainSettings:
             (:class:`~kidneyreg.features.augment.RandomTissueContrast`; needs the simulator's
             tissue label maps). Off by default: it did not bring the bundled model closer to
             the real CT (docs/models.md).
+        patch_scale: Largest factor on the patch size along each downsampled axis: every step
+            draws its patch size, per axis, uniformly between the configured size and this
+            factor times it (multiples of the network's downsampling, at most what every
+            training case holds). 1 trains on the configured patches only, as the paper. With
+            larger factors the network sees the kidney with varied amounts of context and
+            varied distances to the patch faces, so its output does not hinge on the inference
+            window (docs/models.md).
     """
 
     epochs: int = 30
@@ -109,11 +117,14 @@ class TrainSettings:
     seed: int = 0
     augment: bool = True
     tissue_contrast: bool = False
+    patch_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1.0 <= self.patch_scale <= 4.0:
+            raise ValueError(f"patch_scale must be in [1, 4], got {self.patch_scale}")
         if self.val_patches < 0:
             raise ValueError(f"val_patches must be >= 0, got {self.val_patches}")
         if not self.learning_rate > 0:
@@ -226,15 +237,45 @@ def _write_log(path: Path, history: Sequence[dict[str, float]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def random_patch_size(
+    config: FeatureNetConfig,
+    scale: float,
+    largest: Sequence[int],
+    generator: torch.Generator,
+) -> tuple[int, int, int]:
+    """A training patch size between the configured one and ``scale`` times it, per axis.
+
+    Each downsampled axis (all three for CT, the frame axes for U/S) draws a factor uniformly in
+    ``[1, scale]``; the size is rounded down to a multiple of the network's total downsampling
+    and capped at ``largest`` (rounded down the same way), never below the configured size.
+
+    Example:
+        >>> cfg = feature_config("ct", "tiny")
+        >>> size = random_patch_size(cfg, 2.0, (200, 200, 200), torch.Generator().manual_seed(0))
+        >>> all(p <= n <= 2 * p and n % 16 == 0 for n, p in zip(size, cfg.patch_size))
+        True
+    """
+    multiple = 2 ** (len(config.base_widths) - 1)
+    base = config.patch_size
+    axes = (1, 2) if config.modality == "us" else (0, 1, 2)
+    size = list(base)
+    for axis in axes:
+        factor = 1.0 + (float(scale) - 1.0) * float(torch.rand((), generator=generator).item())
+        cap = max(base[axis], int(largest[axis]) // multiple * multiple)
+        size[axis] = min(max(base[axis], int(base[axis] * factor) // multiple * multiple), cap)
+    return (size[0], size[1], size[2])
+
+
 def _batch(
     sampler: PatchSampler,
     augmentation: Augmentation | None,
     size: int,
     generator: torch.Generator,
+    patch_size: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = [], []
     for _ in range(size):
-        image, mask = sampler.sample(generator)
+        image, mask = sampler.sample(generator, patch_size)
         if augmentation is not None:
             image, mask = augmentation(image, mask, generator)
         images.append(image)
@@ -389,7 +430,13 @@ def train_feature_net(
             leave=False,
         )
         for step in bar:
-            images, masks = _batch(sampler, augmentation, settings.batch_size, generator)
+            # Drawn only when asked for, so fixed-patch runs keep their random sequence.
+            patch = (
+                random_patch_size(config, settings.patch_scale, sampler.largest_patch, generator)
+                if settings.patch_scale > 1.0
+                else None
+            )
+            images, masks = _batch(sampler, augmentation, settings.batch_size, generator, patch)
             loss = soft_dice_loss(net(images.to(dev)), masks.to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
