@@ -109,6 +109,47 @@ def test_model_loading_errors(tmp_path: Path, tiny_model: Callable[[str], Path])
         load_feature_model(tmp_path / "none.pt", modality="ct")
 
 
+def test_inference_window_comes_from_the_checkpoint(
+    tmp_path: Path, tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import monai.inferers
+
+    from kidneyreg.checkpoint import load_checkpoint, save_checkpoint
+    from kidneyreg.features.train import export_model
+    from kidneyreg.features.ulbnet import CHECKPOINT_KIND
+
+    plain = load_feature_model(tiny_model("ct"), modality="ct")
+    assert plain.window == plain.config.patch_size == plain.inference_window == (16, 48, 48)
+    payload = load_checkpoint(tiny_model("ct"), kind=CHECKPOINT_KIND)
+    payload["inference_scale"] = 2.0
+    wide_path = save_checkpoint(tmp_path / "wide.pt", payload, kind=CHECKPOINT_KIND)
+    wide = load_feature_model(wide_path, modality="ct")
+    assert wide.inference_window == (32, 96, 96)
+    # The sliding window uses it.
+    seen = []
+    original = monai.inferers.sliding_window_inference
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs["roi_size"])
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", spy)
+    ct = sitk.ReadImage(str(write_ct_case(tmp_path / "case") / "ct.nii.gz"))
+    predict_ct(wide, ct)
+    assert seen == [(32, 96, 96)]
+    # Export keeps it unless told otherwise; older checkpoints (no key) mean 1.
+    assert load_feature_model(export_model(wide_path, tmp_path / "e.pt")).window == (32, 96, 96)
+    narrowed = export_model(wide_path, tmp_path / "n.pt", inference_scale=1.0)
+    assert load_feature_model(narrowed).window == (16, 48, 48)
+    del payload["inference_scale"]
+    old = save_checkpoint(tmp_path / "old.pt", payload, kind=CHECKPOINT_KIND)
+    assert load_feature_model(old).window == (16, 48, 48)
+    payload["inference_scale"] = "huge"
+    bad = save_checkpoint(tmp_path / "bad.pt", payload, kind=CHECKPOINT_KIND)
+    with pytest.raises(InputError, match=r"bad\.pt.*inference_scale"):
+        load_feature_model(bad)
+
+
 def test_segment_file_output_rules(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
     folder = write_ct_case(tmp_path / "case")
     model = tiny_model("ct")

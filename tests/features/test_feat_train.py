@@ -263,5 +263,8 @@ def test_patch_scale_setting_trains_on_varied_patch_sizes(
         )
         train_feature_net(config, cases, [], settings, tmp_path / f"{scale}.pt", progress=False)
     assert set(shapes[:6]) == {config.patch_size}
+    # The model remembers the window it should be run with (the largest training patch).
+    assert load_feature_model(tmp_path / "2.0.best.pt").window == (32, 96, 96)
+    assert load_feature_model(tmp_path / "1.0.best.pt").window == config.patch_size
     assert len(set(shapes[6:])) > 1 and all(s[0] <= 32 and s[1] <= 96 for s in shapes[6:])
     assert default_train_settings("cpu").patch_scale == 1.0

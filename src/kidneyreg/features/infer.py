@@ -32,7 +32,13 @@ from kidneyreg.checkpoint import load_checkpoint
 from kidneyreg.errors import InputError
 from kidneyreg.features.config import MODALITIES, FeatureNetConfig
 from kidneyreg.features.data import normalize_us, prepare_ct_volume
-from kidneyreg.features.ulbnet import CHECKPOINT_KIND, ULBNet, network_from_payload
+from kidneyreg.features.ulbnet import (
+    CHECKPOINT_KIND,
+    ULBNet,
+    inference_scale_of,
+    inference_window,
+    network_from_payload,
+)
 from kidneyreg.io.atomic import atomic_path
 from kidneyreg.io.image import read_ct, write_image, write_mask
 from kidneyreg.io.us import UltrasoundSequence, read_us_sequence
@@ -88,12 +94,21 @@ class FeatureModel:
         config: Its configuration (modality, spacing, patch size).
         source: The checkpoint it came from.
         device: Where it runs.
+        window: Sliding-window size ``(D, H, W)``; None: the training patch size. Networks
+            trained on patches of varied size (``train-features --patch-scale``) store a larger
+            one (:func:`~kidneyreg.features.ulbnet.inference_window`).
     """
 
     net: ULBNet
     config: FeatureNetConfig
     source: str
     device: torch.device
+    window: tuple[int, int, int] | None = None
+
+    @property
+    def inference_window(self) -> tuple[int, int, int]:
+        """The sliding-window size inference uses."""
+        return self.window if self.window is not None else self.config.patch_size
 
     @property
     def modality(self) -> str:
@@ -156,8 +171,10 @@ def load_feature_model(
                 f"no bundled {modality.upper()} feature model for profile {profile!r}: train one "
                 "with `kidneyreg train-features` and pass it with --model",
             )
-    net = network_from_payload(load_checkpoint(path, kind=CHECKPOINT_KIND), path)
+    payload = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    net = network_from_payload(payload, path)
     config = net.config
+    window = inference_window(config, inference_scale_of(payload, path))
     if modality is not None and config.modality != modality:
         raise InputError(
             path,
@@ -165,7 +182,7 @@ def load_feature_model(
         )
     dev = resolve_device(device)
     net.to(dev).eval()
-    return FeatureModel(net, config, str(path), dev)
+    return FeatureModel(net, config, str(path), dev, window)
 
 
 def _sliding(model: FeatureModel, inputs: torch.Tensor) -> torch.Tensor:
@@ -174,7 +191,7 @@ def _sliding(model: FeatureModel, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = sliding_window_inference(
             inputs.to(model.device),
-            roi_size=model.config.patch_size,
+            roi_size=model.inference_window,
             sw_batch_size=_SW_BATCH,
             predictor=model.net,
             overlap=_OVERLAP,

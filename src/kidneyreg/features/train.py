@@ -50,7 +50,10 @@ from kidneyreg.features.infer import resolve_device
 from kidneyreg.features.metrics import segmentation_scores
 from kidneyreg.features.ulbnet import (
     CHECKPOINT_KIND,
+    MAX_INFERENCE_SCALE,
     ULBNet,
+    inference_scale_of,
+    inference_window,
     model_payload,
     network_from_payload,
 )
@@ -123,8 +126,10 @@ class TrainSettings:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1.0 <= self.patch_scale <= 4.0:
-            raise ValueError(f"patch_scale must be in [1, 4], got {self.patch_scale}")
+        if not 1.0 <= self.patch_scale <= MAX_INFERENCE_SCALE:
+            raise ValueError(
+                f"patch_scale must be in [1, {MAX_INFERENCE_SCALE:g}], got {self.patch_scale}"
+            )
         if self.val_patches < 0:
             raise ValueError(f"val_patches must be >= 0, got {self.val_patches}")
         if not self.learning_rate > 0:
@@ -194,17 +199,34 @@ def training_paths(out: str | Path) -> tuple[Path, Path, Path]:
     return path, path.with_name(f"{stem}.best.pt"), path.with_name(f"{stem}.log.csv")
 
 
-def export_model(checkpoint: str | Path, out: str | Path, *, half: bool = True) -> Path:
+def export_model(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    half: bool = True,
+    inference_scale: float | None = None,
+) -> Path:
     """Write a compact copy (configuration + weights, float16 by default) of a feature model.
 
     This is how the bundled models in ``kidneyreg/models`` are made from a training run's
     ``.best.pt``.
 
+    Args:
+        checkpoint: A feature-net checkpoint.
+        out: The copy.
+        half: Store the weights as float16.
+        inference_scale: Inference window factor to store (see
+            :func:`~kidneyreg.features.ulbnet.model_payload`); None keeps the checkpoint's.
+
     Example:
         >>> export_model("runs/ct.best.pt", "models/features_ct_cpu.pt")  # doctest: +SKIP
     """
-    net = network_from_payload(load_checkpoint(checkpoint, kind=CHECKPOINT_KIND), checkpoint)
-    return save_checkpoint(out, model_payload(net, half=half), kind=CHECKPOINT_KIND)
+    payload = load_checkpoint(checkpoint, kind=CHECKPOINT_KIND)
+    net = network_from_payload(payload, checkpoint)
+    scale = inference_scale_of(payload, checkpoint) if inference_scale is None else inference_scale
+    return save_checkpoint(
+        out, model_payload(net, half=half, inference_scale=scale), kind=CHECKPOINT_KIND
+    )
 
 
 @dataclass
@@ -241,13 +263,14 @@ def random_patch_size(
     config: FeatureNetConfig,
     scale: float,
     largest: Sequence[int],
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[int, int, int]:
     """A training patch size between the configured one and ``scale`` times it, per axis.
 
     Each downsampled axis (all three for CT, the frame axes for U/S) draws a factor uniformly in
-    ``[1, scale]``; the size is rounded down to a multiple of the network's total downsampling
-    and capped at ``largest`` (rounded down the same way), never below the configured size.
+    ``[1, scale]`` (``generator`` None: takes ``scale``); the size is rounded down to a multiple
+    of the network's total downsampling and capped at ``largest`` (rounded down the same way),
+    never below the configured size.
 
     Example:
         >>> cfg = feature_config("ct", "tiny")
@@ -260,7 +283,9 @@ def random_patch_size(
     axes = (1, 2) if config.modality == "us" else (0, 1, 2)
     size = list(base)
     for axis in axes:
-        factor = 1.0 + (float(scale) - 1.0) * float(torch.rand((), generator=generator).item())
+        # No generator: the largest size (the validation patches' size).
+        draw = 1.0 if generator is None else float(torch.rand((), generator=generator).item())
+        factor = 1.0 + (float(scale) - 1.0) * draw
         cap = max(base[axis], int(largest[axis]) // multiple * multiple)
         size[axis] = min(max(base[axis], int(base[axis] * factor) // multiple * multiple), cap)
     return (size[0], size[1], size[2])
@@ -408,17 +433,26 @@ def train_feature_net(
     recolour = settings.augment and settings.tissue_contrast and config.modality == "ct"
     tissue_contrast = RandomTissueContrast() if recolour else None
     sampler = PatchSampler(train_cases, config, settings.kidney_fraction, tissue_contrast)
-    # Fixed validation patches: the same every epoch and in a resumed run.
+    # Fixed validation patches: the same every epoch and in a resumed run. They have the size
+    # of the inference window (within what the validation cases hold), so the best epoch is
+    # the best at the size the network will be run at.
     val_generator = torch.Generator().manual_seed(settings.seed + 1)
-    val_patches = (
-        [
-            PatchSampler(val_cases, config, settings.kidney_fraction).sample(val_generator)
-            for _ in range(settings.val_patches)
+    val_patches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if val_cases:
+        val_sampler = PatchSampler(val_cases, config, settings.kidney_fraction)
+        val_size = None
+        if settings.patch_scale > 1.0:
+            window = inference_window(config, settings.patch_scale)
+            cap = [min(w, n) for w, n in zip(window, val_sampler.largest_patch, strict=True)]
+            val_size = random_patch_size(config, settings.patch_scale, cap, None)
+        val_patches = [
+            val_sampler.sample(val_generator, val_size) for _ in range(settings.val_patches)
         ]
-        if val_cases
-        else []
-    )
     augmentation = default_augmentation(config.modality) if settings.augment else None
+
+    def best_payload() -> dict[str, Any]:
+        return model_payload(net, inference_scale=settings.patch_scale)
+
     net.train()
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
@@ -453,14 +487,14 @@ def train_feature_net(
         improved = not val_patches or row["val_dice"] > best_dice
         if improved:
             best_dice = row["val_dice"] if val_patches else best_dice
-            save_checkpoint(best_path, model_payload(net), kind=CHECKPOINT_KIND)
+            save_checkpoint(best_path, best_payload(), kind=CHECKPOINT_KIND)
         rng = {"sampler": generator.get_state(), "torch": torch.get_rng_state()}
         if dev.type == "cuda":  # dropout on the GPU draws from the device's generator
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         save_checkpoint(
             checkpoint_path,
             {
-                **model_payload(net),
+                **best_payload(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
                 "rng": rng,
@@ -479,7 +513,7 @@ def train_feature_net(
                 f"({row['seconds']:.0f} s)" + (" *" if improved and val_patches else "")
             )
     if not best_path.exists():
-        save_checkpoint(best_path, model_payload(net), kind=CHECKPOINT_KIND)
+        save_checkpoint(best_path, best_payload(), kind=CHECKPOINT_KIND)
     if not log_path.exists():
         _write_log(log_path, history)
     return TrainResult(checkpoint_path, best_path, log_path, history, net)

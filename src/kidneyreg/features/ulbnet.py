@@ -34,8 +34,11 @@ from kidneyreg.features.lbc import LocalBinaryConv3d
 
 __all__ = [
     "CHECKPOINT_KIND",
+    "MAX_INFERENCE_SCALE",
     "ULBNet",
     "ct_feature_net",
+    "inference_scale_of",
+    "inference_window",
     "model_payload",
     "network_from_payload",
     "us_feature_net",
@@ -43,6 +46,8 @@ __all__ = [
 
 #: ``kind`` of every feature-net checkpoint (training, best, exported and bundled).
 CHECKPOINT_KIND = "feature-net"
+#: Largest inference window, as a factor on the training patch (and largest training patch scale).
+MAX_INFERENCE_SCALE = 4.0
 
 
 def _up(
@@ -181,24 +186,78 @@ def us_feature_net(config: FeatureNetConfig) -> ULBNet:
     return ULBNet(config)
 
 
-def model_payload(net: ULBNet, *, half: bool = False) -> dict[str, Any]:
-    """The checkpoint payload of a network: its configuration (a plain dict) and its weights.
+def model_payload(
+    net: ULBNet, *, half: bool = False, inference_scale: float = 1.0
+) -> dict[str, Any]:
+    """The checkpoint payload of a network: its configuration (a plain dict), its weights and
+    the size of its inference window.
 
     Args:
         net: The network.
         half: Store floating-point tensors as float16 (half the file size; the LBC anchors,
             +-1 and 0, are exact in float16; :func:`network_from_payload` converts back).
+        inference_scale: Sliding-window inference uses windows of this factor times the
+            configured patch size per axis (:func:`inference_window`): the largest patch the
+            network was trained on (``TrainSettings.patch_scale``).
 
     Example:
         >>> from kidneyreg.features.config import feature_config
         >>> sorted(model_payload(ULBNet(feature_config("ct", "tiny"))))
-        ['config', 'model']
+        ['config', 'inference_scale', 'model']
     """
     state = {
         key: (value.detach().cpu().half() if half and value.is_floating_point() else value)
         for key, value in net.state_dict().items()
     }
-    return {"config": net.config.to_dict(), "model": state}
+    return {
+        "config": net.config.to_dict(),
+        "model": state,
+        "inference_scale": _checked_scale(inference_scale),
+    }
+
+
+def _checked_scale(scale: Any) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"inference_scale must be a number, got {scale!r}") from None
+    if not 1.0 <= value <= MAX_INFERENCE_SCALE:
+        raise ValueError(f"inference_scale must be in [1, {MAX_INFERENCE_SCALE:g}], got {scale}")
+    return value
+
+
+def inference_window(config: FeatureNetConfig, scale: float = 1.0) -> tuple[int, int, int]:
+    """Sliding-window size for a network trained on patches up to ``scale`` times its patch.
+
+    Every downsampled axis (all three for CT, the frame axes for U/S: the window length stays)
+    is scaled and rounded down to a multiple of the network's total downsampling, never below
+    the configured patch.
+
+    Example:
+        >>> from kidneyreg.features.config import feature_config
+        >>> inference_window(feature_config("ct", "cpu"), 2.0)
+        (96, 160, 160)
+        >>> inference_window(feature_config("us", "cpu"), 1.0)
+        (5, 96, 128)
+    """
+    multiple = 2 ** (len(config.base_widths) - 1)
+    axes = (1, 2) if config.modality == "us" else (0, 1, 2)
+    size = list(config.patch_size)
+    for axis in axes:
+        size[axis] = max(size[axis], int(size[axis] * float(scale)) // multiple * multiple)
+    return (size[0], size[1], size[2])
+
+
+def inference_scale_of(payload: dict[str, Any], source: str | Path) -> float:
+    """The ``inference_scale`` of a :func:`model_payload` (1 for checkpoints that predate it).
+
+    Raises:
+        InputError: A value that is not a number in [1, 4] (named after ``source``).
+    """
+    try:
+        return _checked_scale(payload.get("inference_scale", 1.0))
+    except (TypeError, ValueError) as error:
+        raise InputError(source, f"feature-net checkpoint: {error}") from None
 
 
 def network_from_payload(payload: dict[str, Any], source: str | Path) -> ULBNet:
