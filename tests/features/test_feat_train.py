@@ -26,7 +26,7 @@ from kidneyreg.features.train import (
     train_from_folder,
     training_paths,
 )
-from kidneyreg.features.ulbnet import CHECKPOINT_KIND
+from kidneyreg.features.ulbnet import CHECKPOINT_KIND, inference_window
 
 
 def test_soft_dice_loss_values() -> None:
@@ -233,6 +233,10 @@ def test_random_patch_sizes_stay_between_the_patch_and_the_cap() -> None:
         assert d in (16, 32) and 48 <= h <= 96 and w in (48, 64)
         assert h % 16 == 0
     assert random_patch_size(config, 1.0, (99, 99, 99), g) == config.patch_size
+    # Without a generator: the largest size, which is the inference window of that scale.
+    for scale in (1.0, 1.5, 2.0, 3.0):
+        big = random_patch_size(config, scale, (999, 999, 999), None)
+        assert big == inference_window(config, scale)
     us = feature_config("us", "tiny", window=3)
     for _ in range(20):
         size = random_patch_size(us, 3.0, (3, 500, 500), g)

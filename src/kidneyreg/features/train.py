@@ -53,7 +53,6 @@ from kidneyreg.features.ulbnet import (
     MAX_INFERENCE_SCALE,
     ULBNet,
     inference_scale_of,
-    inference_window,
     model_payload,
     network_from_payload,
 )
@@ -441,10 +440,10 @@ def train_feature_net(
     if val_cases:
         val_sampler = PatchSampler(val_cases, config, settings.kidney_fraction)
         val_size = None
-        if settings.patch_scale > 1.0:
-            window = inference_window(config, settings.patch_scale)
-            cap = [min(w, n) for w, n in zip(window, val_sampler.largest_patch, strict=True)]
-            val_size = random_patch_size(config, settings.patch_scale, cap, None)
+        if settings.patch_scale > 1.0:  # the inference window (inference_window), capped
+            val_size = random_patch_size(
+                config, settings.patch_scale, val_sampler.largest_patch, None
+            )
         val_patches = [
             val_sampler.sample(val_generator, val_size) for _ in range(settings.val_patches)
         ]
