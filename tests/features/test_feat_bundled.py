@@ -11,9 +11,10 @@ import SimpleITK as sitk
 from kidneyreg.features.config import feature_config
 from kidneyreg.features.infer import bundled_model_path, load_feature_model, predict_ct
 from kidneyreg.features.metrics import dice
+from kidneyreg.features.ulbnet import inference_window
 from kidneyreg.io.image import read_ct, read_mask
 
-REAL_CT_DICE_FLOOR = 0.6
+REAL_CT_DICE_FLOOR = 0.80
 
 
 def _bundled(modality: str) -> Path:
@@ -29,6 +30,10 @@ def test_bundled_models_are_small_and_load(modality: str) -> None:
     assert path.stat().st_size < 5_000_000
     model = load_feature_model(modality=modality)
     assert model.config == feature_config(modality, "cpu")
+    # The CT model was trained on patches up to twice the configured size and runs with that
+    # window; the U/S model with its training window.
+    scale = 2 if modality == "ct" else 1
+    assert model.inference_window == inference_window(model.config, scale)
 
 
 @pytest.mark.slow
@@ -39,7 +44,7 @@ def test_bundled_ct_model_on_the_real_ct(real_ct_dir: Path) -> None:
     truth = read_mask(real_ct_dir / "kidneys.nii.gz", ct, labels=(1, 2))
     probs = predict_ct(load_feature_model(modality="ct"), ct)
     score = dice(sitk.GetArrayFromImage(probs) >= 0.5, sitk.GetArrayFromImage(truth))
-    # A regression guard at what the bundled model reaches (0.64 on this non-contrast CT, with
-    # half the kidney volume missed); issue 4 asks for 0.80, which it does not meet yet.
+    # The feature-network issue's bar (the bundled model reaches 0.85 with its 96 x 160 x 160
+    # inference window; 0.64 before it was trained on patches of varied size).
     assert score >= REAL_CT_DICE_FLOOR, score
     assert np.isfinite(sitk.GetArrayFromImage(probs)).all()
