@@ -114,7 +114,7 @@ class FeatureNetConfig:
         object.__setattr__(self, "base_widths", tuple(int(w) for w in self.base_widths))
         if len(self.base_widths) < 2:
             raise ValueError("base_widths needs at least two levels")
-        factor = 2 ** (len(self.base_widths) - 1)
+        factor = self.size_multiple
         downsampled = patch if self.modality == "ct" else patch[1:]
         if any(n % factor for n in downsampled):
             raise ValueError(
@@ -124,6 +124,11 @@ class FeatureNetConfig:
             raise ValueError(f"width_multiplier must be > 0, got {self.width_multiplier}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Total downsampling: every downsampled axis of an input must be a multiple of it."""
+        return int(2 ** (len(self.base_widths) - 1))
 
     @property
     def widths(self) -> tuple[int, ...]:

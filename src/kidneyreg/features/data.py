@@ -27,6 +27,7 @@ Images are cached as float16 (the normalised range needs no more), masks as uint
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,7 +437,7 @@ class PatchSampler:
                     f"{config.patch_size}"
                 )
 
-    @property
+    @functools.cached_property
     def largest_patch(self) -> tuple[int, int, int]:
         """The largest patch every case holds (per axis, the smallest case's size; U/S: the
         window length on the time axis)."""

@@ -277,7 +277,7 @@ def random_patch_size(
         >>> all(p <= n <= 2 * p and n % 16 == 0 for n, p in zip(size, cfg.patch_size))
         True
     """
-    multiple = 2 ** (len(config.base_widths) - 1)
+    multiple = config.size_multiple
     base = config.patch_size
     axes = (1, 2) if config.modality == "us" else (0, 1, 2)
     size = list(base)

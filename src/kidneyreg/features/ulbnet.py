@@ -240,7 +240,7 @@ def inference_window(config: FeatureNetConfig, scale: float = 1.0) -> tuple[int,
         >>> inference_window(feature_config("us", "cpu"), 1.0)
         (5, 96, 128)
     """
-    multiple = 2 ** (len(config.base_widths) - 1)
+    multiple = config.size_multiple
     axes = (1, 2) if config.modality == "us" else (0, 1, 2)
     size = list(config.patch_size)
     for axis in axes:
