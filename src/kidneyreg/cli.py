@@ -226,8 +226,12 @@ def train_features(
         raise InputError("--window", "is a positive frame count, for --modality us only")
     if lr is not None and not 0 < lr < 1:
         raise InputError("--lr", f"must be a learning rate in (0, 1), got {lr}")
-    if not 1.0 <= patch_scale <= 4.0:
-        raise InputError("--patch-scale", f"must be between 1 and 4, got {patch_scale}")
+    from kidneyreg.features.ulbnet import MAX_INFERENCE_SCALE
+
+    if not 1.0 <= patch_scale <= MAX_INFERENCE_SCALE:
+        raise InputError(
+            "--patch-scale", f"must be between 1 and {MAX_INFERENCE_SCALE:g}, got {patch_scale}"
+        )
     settings = default_train_settings(
         profile,
         epochs=epochs,
