@@ -344,6 +344,12 @@ def pretrain(
     features: Annotated[
         str, typer.Option("--features", help="Feature maps: masks (ground truth) or network.")
     ] = "masks",
+    images: Annotated[
+        bool,
+        typer.Option(
+            "--images", help="Feed the U/S and CT images to the network beside the feature maps."
+        ),
+    ] = False,
     ct_feature_model: Annotated[
         Path | None, typer.Option("--ct-feature-model", help="CT feature net (--features network).")
     ] = None,
@@ -422,6 +428,7 @@ def pretrain(
         use_mind=not no_mind,
         use_decoder=not no_decoder,
         hierarchical=not no_hierarchical,
+        config_overrides={"use_images": True} if images else None,
         log=typer.echo,
     )
     if int(os.environ.get("RANK", "0") or 0) == 0:

@@ -27,6 +27,7 @@ from kidneyreg.registration.train import (
     log_path,
     pose_errors,
     pretrain,
+    widen_to_images,
 )
 
 # Small and fast: the finest decoder levels on the loss's slab only, one thread.
@@ -110,6 +111,45 @@ def test_pretraining_can_start_from_given_weights(cohort: Path, tmp_path: Path) 
     )
     with pytest.raises(InputError, match="another network configuration"):
         pretrain(cohort, tmp_path / "x.pt", initial_weights=source, window=3, **settings)
+
+
+def test_widened_network_computes_what_the_feature_only_one_did() -> None:
+    from kidneyreg.registration.network import RegistrationNet
+
+    torch.manual_seed(0)
+    base = RegistrationConfig.from_profile("tiny", window=3, **FAST)
+    source = RegistrationNet(base)
+    for parameter in source.parameters():  # non-zero heads, so the outputs are not all 0
+        parameter.data.normal_(0.0, 0.1)
+    wide = RegistrationNet(base.with_changes(use_images=True))
+    wide.load_state_dict(widen_to_images(source.state_dict(), wide.config))
+    fixed, moving = torch.rand(2, 2, 72, 56, 32), torch.rand(2, 2, 72, 56, 32)
+    expected = source(fixed, moving).params
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(wide(fixed, moving).params, expected, atol=1e-5, rtol=0.0)
+    # The images now reach the network: other images, other output (once they have weight).
+    wide.encoder[0][0].weight.data[:, 1] += 0.5
+    assert not torch.allclose(wide(fixed, moving).params, wide(fixed, moving.flip(2)).params)
+    with pytest.raises(ValueError, match="use_images"):
+        widen_to_images(source.state_dict(), base)
+
+
+def test_images_run_can_start_from_a_feature_only_model(cohort: Path, tmp_path: Path) -> None:
+    settings = {**COMMON, "epochs": 1, "pairs": 2, "batch_size": 2, "val_fraction": 0.0}
+    source = tmp_path / "source.pt"
+    pretrain(cohort, source, **{**settings, "seed": 1})
+    overrides = {**FAST, "use_images": True}
+    tuned = pretrain(
+        cohort,
+        tmp_path / "images.pt",
+        initial_weights=source,
+        **{**settings, "lr": 1e-12, "config_overrides": overrides},
+    )
+    assert tuned.model.config.use_images
+    start = _state(source)["model"]
+    first = tuned.model.state_dict()["encoder.0.0.weight"]
+    torch.testing.assert_close(first[:, [0, 2]], start["encoder.0.0.weight"], atol=1e-6, rtol=0)
+    assert first[:, [1, 3]].abs().max() < 1e-6
 
 
 def test_negative_supervision_is_rejected(cohort: Path, tmp_path: Path) -> None:
@@ -243,7 +283,7 @@ def test_cli_pretrain_runs(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli" / "model.pt"
     args = ["pretrain", "--cohort", str(cohort), "--out", str(out), "--profile", "tiny"]
     args += ["--epochs", "1", "--pairs", "1", "--batch-size", "1", "--device", "cpu"]
-    args += ["--window", "3", "--no-mind", "--val-fraction", "0"]
+    args += ["--window", "3", "--no-mind", "--images", "--val-fraction", "0"]
     export = tmp_path / "cli" / "compact.pt"
     outcome = CliRunner().invoke(app, [*args, "--export", str(export)])
     assert outcome.exit_code == 0, outcome.output
@@ -251,6 +291,7 @@ def test_cli_pretrain_runs(cohort: Path, tmp_path: Path) -> None:
     saved = load_checkpoint(out, kind=CHECKPOINT_KIND)
     config = RegistrationConfig.from_dict(saved["config"])
     assert config.window == 3 and not config.use_mind and saved["epoch"] == 1
+    assert config.use_images
     # The compact copy: same weights (no validation, so the last epoch's), no optimizer.
     compact = load_checkpoint(export, kind=CHECKPOINT_KIND)
     assert "optimizer" not in compact and compact["training"]["exported_epoch"] == 1
