@@ -27,7 +27,6 @@ from kidneyreg.registration.train import (
     log_path,
     pose_errors,
     pretrain,
-    widen_to_images,
 )
 
 # Small and fast: the finest decoder levels on the loss's slab only, one thread.
@@ -114,7 +113,7 @@ def test_pretraining_can_start_from_given_weights(cohort: Path, tmp_path: Path) 
 
 
 def test_widened_network_computes_what_the_feature_only_one_did() -> None:
-    from kidneyreg.registration.network import RegistrationNet
+    from kidneyreg.registration.network import RegistrationNet, widen_to_images
 
     torch.manual_seed(0)
     base = RegistrationConfig.from_profile("tiny", window=3, **FAST)

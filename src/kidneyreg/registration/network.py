@@ -46,7 +46,13 @@ from kidneyreg.registration.config import RegistrationConfig
 from kidneyreg.registration.heads import RegressionHead, combine_levels
 from kidneyreg.registration.loss import FIMLossTerms, Warp, fim_loss
 
-__all__ = ["RegistrationNet", "RegistrationOutput", "parameter_counts", "upsample_x_range"]
+__all__ = [
+    "RegistrationNet",
+    "RegistrationOutput",
+    "parameter_counts",
+    "upsample_x_range",
+    "widen_to_images",
+]
 
 # Downsampling factor of each decoder level, coarsest first.
 _LEVEL_FACTORS = (8, 4, 2, 1)
@@ -323,3 +329,54 @@ def parameter_counts(net: RegistrationNet) -> dict[str, int]:
     }
     counts["total"] = net.num_parameters()
     return counts
+
+
+def widen_to_images(
+    state: dict[str, torch.Tensor], config: RegistrationConfig
+) -> dict[str, torch.Tensor]:
+    """Weights of a feature-map-only network, rearranged for ``config`` with ``use_images``.
+
+    The network's input is ``[fixed feature, fixed image, moving feature, moving image]`` with
+    images and ``[fixed feature, moving feature]`` without; the input reaches the first encoder
+    convolution and, as a skip, the finest decoder convolution. Their kernels for the new image
+    channels start at zero, so the widened network computes exactly what the original did and
+    fine-tuning (``pretrain --from --images``) learns how much the images add.
+
+    Args:
+        state: ``state_dict`` of a network with ``use_images=False``.
+        config: The target configuration (``use_images=True``, otherwise the same).
+
+    Returns:
+        A ``state_dict`` for ``RegistrationNet(config)``.
+
+    Example:
+        >>> base = RegistrationConfig.from_profile("tiny", window=3)
+        >>> wide = base.with_changes(use_images=True)
+        >>> state = widen_to_images(RegistrationNet(base).state_dict(), wide)
+        >>> state["encoder.0.0.weight"].shape[1]
+        4
+    """
+    if not config.use_images:
+        raise ValueError("widen_to_images needs a configuration with use_images=True")
+    widened = dict(state)
+    # (parameter, index of its first input-channel kernel) of the two convolutions that read the
+    # input (RegistrationNet._inputs): the first encoder conv, and the finest decoder conv, whose
+    # input is [upsampled level 2 (decoder_channels[2]), network input].
+    first_conv = ("encoder.0.0.weight", 0)
+    decoder_skip = ("decoder.3.0.weight", config.decoder_channels[2])
+    for name, offset in (first_conv, decoder_skip):
+        if name not in state:  # the "without decoder layers" ablation has no decoder
+            continue
+        weight = state[name]
+        if weight.shape[1] != offset + 2:
+            raise ValueError(
+                f"{name} does not read a 2-channel input (shape {tuple(weight.shape)})"
+            )
+        new = torch.zeros(
+            weight.shape[0], offset + 4, *weight.shape[2:], dtype=weight.dtype, device=weight.device
+        )
+        new[:, :offset] = weight[:, :offset]
+        new[:, offset] = weight[:, offset]  # fixed feature map
+        new[:, offset + 2] = weight[:, offset + 1]  # moving feature map
+        widened[name] = new
+    return widened

@@ -74,7 +74,7 @@ from kidneyreg.registration.distributed import (
     teardown_distributed,
 )
 from kidneyreg.registration.loss import fim_loss, pose_supervision_loss
-from kidneyreg.registration.network import RegistrationNet
+from kidneyreg.registration.network import RegistrationNet, widen_to_images
 from kidneyreg.registration.pairs import (
     CohortCase,
     FeatureModels,
@@ -96,7 +96,6 @@ __all__ = [
     "log_path",
     "pose_errors",
     "pretrain",
-    "widen_to_images",
     "write_log",
 ]
 
@@ -381,56 +380,6 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
             )
 
 
-def widen_to_images(
-    state: dict[str, torch.Tensor], config: RegistrationConfig
-) -> dict[str, torch.Tensor]:
-    """Weights of a feature-map-only network, rearranged for ``config`` with ``use_images``.
-
-    The network's input is ``[fixed feature, fixed image, moving feature, moving image]`` with
-    images and ``[fixed feature, moving feature]`` without; the input reaches the first encoder
-    convolution and, as a skip, the finest decoder convolution. Their kernels for the new image
-    channels start at zero, so the widened network computes exactly what the original did and
-    fine-tuning (``pretrain --from --images``) learns how much the images add.
-
-    Args:
-        state: ``state_dict`` of a network with ``use_images=False``.
-        config: The target configuration (``use_images=True``, otherwise the same).
-
-    Returns:
-        A ``state_dict`` for ``RegistrationNet(config)``.
-
-    Example:
-        >>> from kidneyreg.registration.network import RegistrationNet
-        >>> base = RegistrationConfig.from_profile("tiny", window=3)
-        >>> wide = base.with_changes(use_images=True)
-        >>> state = widen_to_images(RegistrationNet(base).state_dict(), wide)
-        >>> state["encoder.0.0.weight"].shape[1]
-        4
-    """
-    if not config.use_images:
-        raise ValueError("widen_to_images needs a configuration with use_images=True")
-    widened = dict(state)
-    # (parameter, index of the first input channel) for the two convolutions that read the input.
-    first_conv = ("encoder.0.0.weight", 0)
-    decoder_skip = ("decoder.3.0.weight", config.decoder_channels[2])
-    for name, offset in (first_conv, decoder_skip):
-        if name not in state:
-            continue
-        weight = state[name]
-        if weight.shape[1] != offset + 2:
-            raise ValueError(
-                f"{name} does not read a 2-channel input (shape {tuple(weight.shape)})"
-            )
-        new = torch.zeros(
-            weight.shape[0], offset + 4, *weight.shape[2:], dtype=weight.dtype, device=weight.device
-        )
-        new[:, :offset] = weight[:, :offset]
-        new[:, offset] = weight[:, offset]  # fixed feature map
-        new[:, offset + 2] = weight[:, offset + 1]  # moving feature map
-        widened[name] = new
-    return widened
-
-
 def _initial_state(path: Path, config: RegistrationConfig) -> dict[str, Any]:
     """The weights of a registration checkpoint made for ``config`` (``--from``).
 
@@ -440,8 +389,7 @@ def _initial_state(path: Path, config: RegistrationConfig) -> dict[str, Any]:
     payload = load_checkpoint(path, kind=CHECKPOINT_KIND)
     if "model" not in payload or "config" not in payload:
         raise InputError(path, "is not a registration model checkpoint (no weights or config)")
-    target = config.to_dict()
-    if payload["config"] == target:
+    if payload["config"] == config.to_dict():
         return dict(payload["model"])
     if config.use_images and payload["config"] == config.with_changes(use_images=False).to_dict():
         return widen_to_images(dict(payload["model"]), config)
