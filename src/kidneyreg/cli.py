@@ -836,11 +836,13 @@ _BENCHMARK_HELP = "\n\n".join(
         "Full setting (defaults): --profile cpu, 5 folds, 20 simulated cases (half group A, half "
         "group B, two breathing cycles each), 2 epochs of 1000 pairs, 3 Appendix H repeats, the "
         "paper's adaptation epochs. With every table each fold runs 6 + repeats pretrainings of "
-        "epochs x pairs / batch-size steps, about 0.6 s each on one CPU core at the cpu "
-        "profile (about 11 min per pretraining), then registers each held-out case with 13 "
-        "adapted variants (about 7 min per case): some 9 core-hours for all tables (--tables "
+        "epochs x pairs / batch-size steps, about 1 s each on one shared CPU core at the cpu "
+        "profile (about 15 min per pretraining, measured), then registers each held-out case "
+        "with 13 adapted variants: about 3 core-hours per fold, 15 for all tables (--tables "
         "table2,table3,table4,appF needs 4 pretrainings per fold). --only-fold splits the folds "
-        "over processes. A GPU (--device cuda) makes the steps 10-50x faster.",
+        "over processes; a fold whose cases are all registered is kept as small JSON files "
+        "(results/, trainings/) in the work folder. A GPU (--device cuda) makes the steps "
+        "10-50x faster.",
         "--quick: a tiny cohort and network for CI (about a minute); a structure check, not a "
         "result.",
     ]

@@ -304,7 +304,12 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     assert (work / "fold_1" / "full.pt").is_file() and not (work / "fold_0").exists()
     fold_1_results = sorted((work / "fold_1" / "results").glob("*.json"))
     assert fold_1_results
-    stamps = {p: p.stat().st_mtime_ns for p in [work / "fold_1" / "full.pt", *fold_1_results]}
+    records = sorted((work / "fold_1" / "trainings").glob("*.json"))
+    assert [p.stem for p in records] == ["full"]
+    # A finished fold travels as its results and training records alone (no checkpoints).
+    for checkpoint in (work / "fold_1").glob("*.pt"):
+        checkpoint.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in [*records, *fold_1_results]}
     result = runner.invoke(app, [*args, "--keep-work"])
     assert result.exit_code == 0, result.output
     assert "Table 4" in result.output and f"wrote {out / 'benchmark.md'}" in result.output
@@ -314,6 +319,8 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     assert config["settings"]["seed"] == 1 and config["settings"]["tables"] == ["table4"]
     # The fold done alone was reused, not redone.
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert not (work / "fold_1" / "full.pt").exists()
+    assert sorted(r["fold"] for r in config["training_runs"]) == [0, 1]
     assert {c["fold"] for c in config["cases"]} == {0, 1}
     assert (work / "fold_0" / "full.pt").is_file() and (work / "cohort").is_dir()
     # The same settings again: checkpoints and per-case results are reused, same outputs.
@@ -357,3 +364,13 @@ def test_cli_help_documents_the_full_setting() -> None:
     for option in ("--quick", "--profile", "--folds", "--epochs", "--pairs", "--tables", "--seed"):
         assert option in text
     assert "Full setting (defaults): --profile cpu, 5 folds" in text
+
+
+def test_damaged_work_file_is_a_one_line_error(tmp_path: Path) -> None:
+    from kidneyreg.evaluation.benchmark import _read_json
+
+    damaged = tmp_path / "fold_0" / "results" / "case_000.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"rows": [', encoding="utf-8")  # cut short, as by a full disk
+    with pytest.raises(InputError, match=r"case_000\.json: unreadable benchmark work file"):
+        _read_json(damaged)

@@ -1334,6 +1334,16 @@ def _settings(
     )
 
 
+def _read_json(path: Path) -> Any:
+    """A work-folder JSON file; a damaged one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(
+            path, f"unreadable benchmark work file ({error}); delete it to redo it"
+        ) from error
+
+
 def _work_folder(out: Path, fingerprint: dict[str, Any]) -> Path:
     """The work folder beside ``out``; emptied when it belongs to a run with other settings."""
     work = out.parent / f".{out.name}{_WORK_SUFFIX}"
@@ -1564,20 +1574,29 @@ def run_benchmark(
         train_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f != fold]
         test_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f == fold]
         fold_dir = work / f"fold_{fold}"
+        caches = {c.case_id: fold_dir / "results" / f"{c.case_id}.json" for c in test_cases}
+        records = {t.name: fold_dir / "trainings" / f"{t.name}.json" for t in trainings}
         models: dict[str, Any] = {}
-        for number, spec in enumerate(trainings, start=1):
-            say(
-                f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number}/"
-                f"{len(trainings)})"
-            )
-            models[spec.name], run = _pretrain_one(
-                spec, fold, train_cases, fold_dir, settings, device, progress, say
-            )
-            training_runs.append(run)
+        if all(p.is_file() for p in (*caches.values(), *records.values())):
+            # Every held-out case of this fold is scored: its results and training records are
+            # all that is needed (a fold's folder can be carried to another machine or session
+            # without its checkpoints).
+            training_runs.extend(_read_json(p) for p in records.values())
+        else:
+            for number, spec in enumerate(trainings, start=1):
+                say(
+                    f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number}/"
+                    f"{len(trainings)})"
+                )
+                models[spec.name], run = _pretrain_one(
+                    spec, fold, train_cases, fold_dir, settings, device, progress, say
+                )
+                atomic_write_text(records[spec.name], json.dumps(json_ready(run)) + "\n")
+                training_runs.append(run)
         for case in test_cases:
-            cache = fold_dir / "results" / f"{case.case_id}.json"
+            cache = caches[case.case_id]
             if cache.is_file():
-                stored = json.loads(cache.read_text(encoding="utf-8"))
+                stored = _read_json(cache)
                 rows, description = stored["rows"], stored["description"]
             else:
                 say(
@@ -1660,11 +1679,12 @@ def run_benchmark(
             ),
             (
                 "Runtime",
-                f"{runtime:.0f} s in all on device `{device}` ("
-                f"{sum(r['seconds_this_run'] for r in training_runs):.0f} s pretraining in this "
-                f"run, {sum(float(r['seconds']) for r in case_runs):.0f} s registering held-out "
-                "cases; resumed parts count only what this run did). Per-training and per-case "
-                "times are in `config.json`.",
+                f"This command: {runtime:.0f} s on device `{device}`. The work behind the "
+                "tables, as recorded when each part ran (parts may come from earlier, resumed "
+                "or parallel runs): "
+                f"{sum(float(r['seconds_epochs']) for r in training_runs):.0f} s of pretraining "
+                f"epochs and {sum(float(r['seconds']) for r in case_runs):.0f} s registering "
+                "held-out cases. Per-training and per-case times are in `config.json`.",
             ),
         ]
         notes = [w for r in case_runs for w in r.get("warnings", [])]
