@@ -840,7 +840,9 @@ _BENCHMARK_HELP = "\n\n".join(
         "profile (about 15 min per pretraining, measured), then registers each held-out case "
         "with 13 adapted variants: about 3 core-hours per fold, 15 for all tables (--tables "
         "table2,table3,table4,appF needs 4 pretrainings per fold). --only-fold splits the folds "
-        "over processes; a fold whose cases are all registered is kept as small JSON files "
+        "over processes, which may start together (file locks: one simulates the cohort while "
+        "the others wait; a fold another process is running is waited for); a fold whose "
+        "cases are all registered is kept as small JSON files "
         "(results/, trainings/) in the work folder. A GPU (--device cuda) makes the steps "
         "10-50x faster.",
         "--quick: a tiny cohort and network for CI (about a minute); a structure check, not a "

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from kidneyreg.evaluation.benchmark import (
     run_benchmark,
     summarise_method,
 )
+from kidneyreg.io.lock import LOCKING_AVAILABLE, FileLock
 
 runner = CliRunner()
 # --quick: 4 cases of 10 frames, 2 folds, 2 Appendix H repeats.
@@ -297,8 +299,16 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     args = ["benchmark", "--quick", "--out", str(out), "--tables", "table4", "--seed", "1"]
     work = tmp_path / ".bench.benchmark-work"
     # One fold alone (as one of several parallel processes would): work only, no report.
+    # Another process setting up the work folder (simulating the cohort) makes this one wait.
+    setup = FileLock(tmp_path / ".bench.benchmark-work.lock")
+    setup.acquire()
+    timer = threading.Timer(1.0, setup.release)
+    timer.start()
     result = runner.invoke(app, [*args, "--only-fold", "1"])
+    timer.join()
     assert result.exit_code == 0, result.output
+    if LOCKING_AVAILABLE:
+        assert "waiting for another benchmark process to finish setting up" in result.output
     assert "run again without --only-fold" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
     assert (work / "fold_1" / "full.pt").is_file() and not (work / "fold_0").exists()
@@ -334,7 +344,7 @@ def test_cli_quick_replaces_the_output_and_resumes(tmp_path: Path) -> None:
     # Case results come from the work folder verbatim (their timings too).
     assert resumed["case_runs"] == config["case_runs"]
     assert not work.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]  # the lock file went too
 
 
 def test_only_fold_out_of_range_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -374,3 +384,24 @@ def test_damaged_work_file_is_a_one_line_error(tmp_path: Path) -> None:
     damaged.write_text('{"rows": [', encoding="utf-8")  # cut short, as by a full disk
     with pytest.raises(InputError, match=r"case_000\.json: unreadable benchmark work file"):
         _read_json(damaged)
+
+
+@pytest.mark.skipif(not LOCKING_AVAILABLE, reason="no flock on this platform")
+def test_work_folder_in_use_by_a_run_with_other_settings_is_not_emptied(tmp_path: Path) -> None:
+    from kidneyreg.evaluation.benchmark import _work_folder
+
+    work = tmp_path / ".out.benchmark-work"
+    (work / "fold_0" / "results").mkdir(parents=True)
+    (work / "settings.json").write_text('{"settings": "other"}\n', encoding="utf-8")
+    kept = work / "fold_0" / "results" / "case_000.json"
+    kept.write_text("{}", encoding="utf-8")
+    other_run = FileLock(work / ".in-use.lock", shared=True)
+    other_run.acquire()
+    with pytest.raises(InputError, match="other settings that is still running"):
+        run_benchmark(None, tmp_path / "out", quick=True, device="cpu")
+    assert kept.is_file() and not (tmp_path / "out").exists()
+    # Once that run has ended, the folder is emptied for the new settings.
+    other_run.release()
+    said: list[str] = []
+    assert _work_folder(tmp_path / "out", {"settings": "new"}, said.append) == work
+    assert not kept.exists() and said == [f"emptying {work}: it holds a run with other settings"]

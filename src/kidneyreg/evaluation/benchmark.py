@@ -69,6 +69,7 @@ from kidneyreg.errors import InputError
 from kidneyreg.evaluation.evaluate import CTUS_METRICS, GROUND_TRUTH_METRICS, evaluate_frames
 from kidneyreg.evaluation.metrics import Summary, summarise
 from kidneyreg.io.atomic import atomic_write_text, replace_folder
+from kidneyreg.io.lock import FileLock
 from kidneyreg.profiles import PROFILES, get_profile
 from kidneyreg.report import Table, write_report
 from kidneyreg.results import json_ready
@@ -139,6 +140,8 @@ _FOLD_STREAM, _REMOVAL_STREAM, _REMOVAL_CASES_STREAM = 0xF01D, 0x2E30, 0x2E31
 # Below this share of test frames the adaptation cycle is cut to the first half of the sequence.
 _MIN_TEST_SHARE = 0.25
 _WORK_SUFFIX = ".benchmark-work"
+# Held (shared) inside the work folder by every process using it, for its whole run.
+_USE_LOCK = ".in-use.lock"
 _CASE_FILES = (
     "ct.nii.gz",
     "ct_kidney_mask.nii.gz",
@@ -1344,8 +1347,12 @@ def _read_json(path: Path) -> Any:
         ) from error
 
 
-def _work_folder(out: Path, fingerprint: dict[str, Any]) -> Path:
-    """The work folder beside ``out``; emptied when it belongs to a run with other settings."""
+def _work_folder(out: Path, fingerprint: dict[str, Any], say: Callable[[str], None]) -> Path:
+    """The work folder beside ``out``; emptied when it belongs to a run with other settings.
+
+    Call with the setup lock held (:func:`_setup_lock`). A folder with other settings that
+    another process still uses (it holds the folder's use lock) is refused, not emptied.
+    """
     work = out.parent / f".{out.name}{_WORK_SUFFIX}"
     marker = work / "settings.json"
     text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
@@ -1355,10 +1362,53 @@ def _work_folder(out: Path, fingerprint: dict[str, Any]) -> Path:
         except OSError:
             same = False
         if not same:
-            shutil.rmtree(work)
+            sole = FileLock(work / _USE_LOCK)
+            if not sole.acquire(blocking=False):
+                raise InputError(
+                    work,
+                    "belongs to a benchmark run with other settings that is still running; "
+                    "stop it, or choose another --out",
+                )
+            try:
+                say(f"emptying {work}: it holds a run with other settings")
+                shutil.rmtree(work)
+            finally:
+                sole.release()
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, text)
     return work
+
+
+def _setup_lock(out: Path) -> FileLock:
+    """The lock that serialises work-folder set-up (checking, emptying, simulating the cohort).
+
+    It lives beside the work folder (a hidden ``.lock`` file, deleted with the folder), not inside
+    it, because set-up may empty the work folder.
+    """
+    return FileLock(out.parent / f".{out.name}{_WORK_SUFFIX}.lock")
+
+
+def _remove_work_folder(work: Path, setup: FileLock, say: Callable[[str], None]) -> None:
+    """Delete the work folder (and its set-up lock) after a finished run, unless another process
+    still uses it."""
+    _acquire(setup, "another benchmark process to finish setting up the work folder", say)
+    sole = FileLock(work / _USE_LOCK)
+    if not sole.acquire(blocking=False):
+        say(f"kept {work}: another benchmark process is still using it")
+        setup.release()
+        return
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        sole.release()
+        setup.release(remove=not work.exists())
+
+
+def _acquire(lock: FileLock, what: str, say: Callable[[str], None]) -> None:
+    """Take ``lock``, saying what is waited for when another process holds it."""
+    if not lock.acquire(blocking=False):
+        say(f"waiting for {what}")
+        lock.acquire()
 
 
 def _pretrain_one(
@@ -1426,6 +1476,64 @@ def _pretrain_one(
         "final_val_mcd_mm": result.history[-1].get("val_mcd_mm", math.nan),
     }
     return model, record
+
+
+def _run_fold(
+    fold: int,
+    cases_list: Sequence[CaseRecord],
+    fold_of: Sequence[int],
+    fold_dir: Path,
+    trainings: Sequence[TrainingSpec],
+    methods: Sequence[MethodSpec],
+    settings: BenchmarkSettings,
+    device: str,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pretrain one fold and register its held-out cases, reusing what the work folder holds.
+
+    Returns:
+        The fold's per-frame rows, per-case descriptions and training records.
+    """
+    train_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f != fold]
+    test_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f == fold]
+    caches = {c.case_id: fold_dir / "results" / f"{c.case_id}.json" for c in test_cases}
+    records = {t.name: fold_dir / "trainings" / f"{t.name}.json" for t in trainings}
+    frames_rows: list[dict[str, Any]] = []
+    case_runs: list[dict[str, Any]] = []
+    training_runs: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    if all(p.is_file() for p in (*caches.values(), *records.values())):
+        # Every held-out case of this fold is scored: its results and training records are all
+        # that is needed (a fold's folder can be carried to another machine or session without
+        # its checkpoints).
+        training_runs.extend(_read_json(p) for p in records.values())
+    else:
+        for number, spec in enumerate(trainings, start=1):
+            say(
+                f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number}/"
+                f"{len(trainings)})"
+            )
+            models[spec.name], run = _pretrain_one(
+                spec, fold, train_cases, fold_dir, settings, device, progress, say
+            )
+            atomic_write_text(records[spec.name], json.dumps(json_ready(run)) + "\n")
+            training_runs.append(run)
+    for case in test_cases:
+        cache = caches[case.case_id]
+        if cache.is_file():
+            stored = _read_json(cache)
+            rows, description = stored["rows"], stored["description"]
+        else:
+            say(
+                f"fold {fold + 1}/{settings.folds}: registering {case.case_id} "
+                f"({len(methods)} methods)"
+            )
+            rows, description = _register_case(case, fold, models, methods, settings, device)
+            atomic_write_text(cache, json.dumps({"rows": rows, "description": description}) + "\n")
+        frames_rows.extend(rows)
+        case_runs.append(description)
+    return frames_rows, case_runs, training_runs
 
 
 def run_benchmark(
@@ -1543,72 +1651,74 @@ def run_benchmark(
         "kidneyreg": __version__,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = _work_folder(out, fingerprint)
-
-    simulated: list[dict[str, Any]] = []
-    if cohort is None:
-        cohort = work / "cohort"
-        simulated = _simulate(cohort, settings, say)
+    # Processes sharing the work folder set it up one at a time (one simulates the cohort, the
+    # others wait and reuse it), and each holds its use lock until it ends, so that none empties
+    # or deletes the folder under another.
+    setup = _setup_lock(out)
+    _acquire(setup, "another benchmark process to finish setting up the work folder", say)
+    try:
+        work = _work_folder(out, fingerprint, say)
+        in_use = FileLock(work / _USE_LOCK, shared=True)
+        in_use.acquire()
+        simulated: list[dict[str, Any]] = []
+        if cohort is None:
+            cohort = work / "cohort"
+            try:
+                simulated = _simulate(cohort, settings, say)
+            except BaseException:
+                in_use.release()
+                raise
+    finally:
+        setup.release()
+    try:
         cohort_text = (
-            f"simulated at profile `{settings.profile}` (seed {settings.seed}, half group A, half "
-            "group B)"
+            f"`{cohort}`"
+            if not simulated
+            else f"simulated at profile `{settings.profile}` (seed {settings.seed}, half group A, "
+            "half group B)"
         )
-    else:
-        cohort_text = f"`{cohort}`"
-    cases_list = _cohort_cases(cohort)
-    fold_of = assign_folds(
-        [c.patient for c in cases_list],
-        settings.folds,
-        settings.seed,
-        strata=[c.group for c in cases_list],
-    )
-    baseline_rows, baseline_names = read_baselines(
-        baselines, {c.case_id: c.group for c in cases_list}
-    )
-    specs = _with_baselines(specs, baseline_names)
+        cases_list = _cohort_cases(cohort)
+        fold_of = assign_folds(
+            [c.patient for c in cases_list],
+            settings.folds,
+            settings.seed,
+            strata=[c.group for c in cases_list],
+        )
+        baseline_rows, baseline_names = read_baselines(
+            baselines, {c.case_id: c.group for c in cases_list}
+        )
+        specs = _with_baselines(specs, baseline_names)
 
-    frames_rows: list[dict[str, Any]] = []
-    case_runs: list[dict[str, Any]] = []
-    training_runs: list[dict[str, Any]] = []
-    for fold in selected:
-        train_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f != fold]
-        test_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f == fold]
-        fold_dir = work / f"fold_{fold}"
-        caches = {c.case_id: fold_dir / "results" / f"{c.case_id}.json" for c in test_cases}
-        records = {t.name: fold_dir / "trainings" / f"{t.name}.json" for t in trainings}
-        models: dict[str, Any] = {}
-        if all(p.is_file() for p in (*caches.values(), *records.values())):
-            # Every held-out case of this fold is scored: its results and training records are
-            # all that is needed (a fold's folder can be carried to another machine or session
-            # without its checkpoints).
-            training_runs.extend(_read_json(p) for p in records.values())
-        else:
-            for number, spec in enumerate(trainings, start=1):
-                say(
-                    f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number}/"
-                    f"{len(trainings)})"
+        frames_rows: list[dict[str, Any]] = []
+        case_runs: list[dict[str, Any]] = []
+        training_runs: list[dict[str, Any]] = []
+        for fold in selected:
+            fold_dir = work / f"fold_{fold}"
+            fold_dir.mkdir(exist_ok=True)
+            # Two processes given the same fold would train and register it twice, racing on its
+            # files: the second waits and then reuses what the first wrote.
+            fold_lock = FileLock(fold_dir / ".lock")
+            _acquire(fold_lock, f"fold {fold}, which another benchmark process is running", say)
+            try:
+                rows, descriptions, records = _run_fold(
+                    fold,
+                    cases_list,
+                    fold_of,
+                    fold_dir,
+                    trainings,
+                    methods,
+                    settings,
+                    device,
+                    progress,
+                    say,
                 )
-                models[spec.name], run = _pretrain_one(
-                    spec, fold, train_cases, fold_dir, settings, device, progress, say
-                )
-                atomic_write_text(records[spec.name], json.dumps(json_ready(run)) + "\n")
-                training_runs.append(run)
-        for case in test_cases:
-            cache = caches[case.case_id]
-            if cache.is_file():
-                stored = _read_json(cache)
-                rows, description = stored["rows"], stored["description"]
-            else:
-                say(
-                    f"fold {fold + 1}/{settings.folds}: registering {case.case_id} "
-                    f"({len(methods)} methods)"
-                )
-                rows, description = _register_case(case, fold, models, methods, settings, device)
-                atomic_write_text(
-                    cache, json.dumps({"rows": rows, "description": description}) + "\n"
-                )
+            finally:
+                fold_lock.release()
             frames_rows.extend(rows)
-            case_runs.append(description)
+            case_runs.extend(descriptions)
+            training_runs.extend(records)
+    finally:
+        in_use.release()
     if only_folds is not None:
         say(
             f"fold(s) {', '.join(str(f) for f in selected)} done in {work}; run again without "
@@ -1706,7 +1816,7 @@ def run_benchmark(
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(stage)
     if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work_folder(work, setup, say)
     return BenchmarkResult(
         out_dir=out,
         tables=built,
