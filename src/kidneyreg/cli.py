@@ -200,7 +200,8 @@ def train_features(
         bool,
         typer.Option(
             "--tissue-contrast",
-            help="CT: also shift each simulated tissue's HU at random (needs labels.nii.gz).",
+            help="Also vary each simulated tissue's brightness at random: CT HU offsets (needs "
+            "labels.nii.gz), U/S gains (needs us_labels.nii.gz).",
         ),
     ] = False,
     patch_scale: Annotated[
@@ -843,8 +844,8 @@ _BENCHMARK_HELP = "\n\n".join(
         "over processes, which may start together (file locks: one simulates the cohort while "
         "the others wait; a fold another process is running is waited for); a fold whose "
         "cases are all registered is kept as small JSON files "
-        "(results/, trainings/) in the work folder. A GPU (--device cuda) makes the steps "
-        "10-50x faster.",
+        "(results/, trainings/) in the work folder. --device cuda runs the same steps on a GPU "
+        "(not timed here: no GPU was available).",
         "--quick: a tiny cohort and network for CI (about a minute); a structure check, not a "
         "result.",
     ]

@@ -12,12 +12,14 @@ from kidneyreg.features.augment import (
     RandomIntensity,
     RandomSpatial,
     RandomTissueContrast,
+    RandomTissueGain,
     SpatialParams,
     apply_blur,
     apply_curve,
     apply_intensity,
     apply_spatial,
     apply_tissue_contrast,
+    apply_tissue_gain,
     default_augmentation,
 )
 from kidneyreg.simulate.tissues import Tissue
@@ -163,3 +165,47 @@ def test_random_tissue_contrast_is_reproducible_and_spares_air_and_bone() -> Non
     assert never.sample(torch.Generator().manual_seed(1)) is None
     with pytest.raises(ValueError):
         RandomTissueContrast(probability=1.5)
+
+
+def test_tissue_gain_scales_each_tissue_keeps_shadows_dark_and_never_mixes_frames() -> None:
+    tissues = torch.zeros(3, 6, 6, dtype=torch.uint8)
+    tissues[:, :, :3] = int(Tissue.LIVER)
+    tissues[:, :, 3:] = int(Tissue.CORTEX)
+    image = torch.full((1, 3, 6, 6), 0.4)
+    image[0, :, 5, :] = 0.0  # an acoustic shadow across both tissues
+    gains = torch.ones(256)
+    gains[int(Tissue.LIVER)] = 0.5
+    gains[int(Tissue.CORTEX)] = 3.0
+    sharp = apply_tissue_gain(image, tissues, gains, edge_sigma=0)
+    assert torch.allclose(sharp[0, :, :5, :3], torch.tensor(0.2))
+    assert torch.allclose(sharp[0, :, :5, 3:], torch.tensor(1.0))  # 1.2 clipped to the range
+    assert torch.equal(sharp[0, :, 5], torch.zeros(3, 6))
+    # Blurred gains ramp across the boundary within a frame, never across frames.
+    tissues[1] = int(Tissue.LIVER)
+    smooth = apply_tissue_gain(image, tissues, gains, edge_sigma=0.75)
+    assert torch.allclose(smooth[0, 1, :5], torch.tensor(0.2))
+    row = smooth[0, 0, 2]
+    assert torch.all(row[1:] >= row[:-1] - 1e-6) and 0.2 < float(row[2]) < float(row[4])
+    with pytest.raises(ValueError, match="same size"):
+        apply_tissue_gain(image, tissues[:2], gains)
+    with pytest.raises(ValueError, match="non-negative"):
+        apply_tissue_gain(image, tissues, -gains)
+
+
+def test_random_tissue_gain_is_reproducible_and_moves_the_kidney_as_one() -> None:
+    sampler = RandomTissueGain(probability=1.0)
+    a = sampler.sample(torch.Generator().manual_seed(1))
+    b = sampler.sample(torch.Generator().manual_seed(1))
+    assert a is not None and b is not None and torch.equal(a, b)
+    for tissue in (Tissue.AIR, Tissue.BONE, Tissue.GAS, Tissue.LUNG):
+        assert a[int(tissue)] == 1.0
+    draws = torch.stack(
+        [sampler.sample(torch.Generator().manual_seed(seed)) for seed in range(300)]  # type: ignore[misc]
+    ).log()
+    # The kidney's compartments share a common gain: correlated, and wider than the liver's.
+    cortex, sinus = draws[:, int(Tissue.CORTEX)], draws[:, int(Tissue.SINUS_FAT)]
+    assert float(torch.corrcoef(torch.stack([cortex, sinus]))[0, 1]) > 0.25
+    assert float(cortex.std()) > float(draws[:, int(Tissue.LIVER)].std())
+    assert RandomTissueGain(probability=0.0).sample(torch.Generator().manual_seed(1)) is None
+    with pytest.raises(ValueError):
+        RandomTissueGain(kidney_log_std=-1.0)

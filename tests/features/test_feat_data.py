@@ -12,7 +12,7 @@ import torch
 
 from feature_cases import blob_volume, ellipsoid, us_frames, write_ct_case, write_us_case
 from kidneyreg.errors import InputError
-from kidneyreg.features.augment import RandomTissueContrast
+from kidneyreg.features.augment import RandomTissueContrast, RandomTissueGain
 from kidneyreg.features.config import feature_config
 from kidneyreg.features.data import (
     CaseData,
@@ -217,3 +217,33 @@ def test_ct_case_keeps_the_tissue_map_and_patches_are_recoloured(tmp_path: Path)
     image.SetOrigin(tuple(o + 5.0 for o in ct.GetOrigin()))
     sitk.WriteImage(image, str(folder / "labels.nii.gz"))
     assert load_case(find_cases(folder, "ct")[0], config).tissues is None
+
+
+def test_us_case_keeps_the_tissue_map_and_patches_get_tissue_gains(tmp_path: Path) -> None:
+    folder = write_us_case(tmp_path / "case_000")
+    kidney = sitk.ReadImage(str(folder / "us_kidney_mask.nii.gz"))
+    values = sitk.GetArrayFromImage(kidney)
+    labels = sitk.GetImageFromArray(
+        np.where(values > 0, int(Tissue.CORTEX), int(Tissue.LIVER)).astype(np.uint8)
+    )
+    labels.CopyInformation(kidney)
+    sitk.WriteImage(labels, str(folder / "us_labels.nii.gz"))
+    config = feature_config("us", "tiny", window=3)
+    (files,) = find_cases(tmp_path, "us")
+    case = load_case(files, config)
+    assert case.tissues is not None and case.tissues.shape == case.image.shape
+    cortex, mask = case.tissues == int(Tissue.CORTEX), case.mask.astype(bool)
+    assert 2 * (cortex & mask).sum() / (cortex.sum() + mask.sum()) > 0.85
+    plain = PatchSampler([case], config, kidney_fraction=1.0)
+    gained = PatchSampler([case], config, 1.0, RandomTissueGain(probability=1.0))
+    a, mask_a = plain.sample(torch.Generator().manual_seed(2))
+    b, mask_b = gained.sample(torch.Generator().manual_seed(2))
+    assert torch.equal(mask_a, mask_b)  # same window, only the brightness changes
+    assert not torch.allclose(a, b)
+    assert torch.equal(a == 0, b == 0)  # dark stays dark (gains multiply)
+    # A label map of another size is not this sequence's: the case trains without it.
+    sitk.WriteImage(labels[:, :, :2], str(folder / "us_labels.nii.gz"))
+    assert load_case(files, config).tissues is None
+    (folder / "us_labels.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InputError, match=r"us_labels\.nii\.gz: unreadable U/S tissue label map"):
+        load_case(files, config)

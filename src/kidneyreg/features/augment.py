@@ -2,10 +2,11 @@
 
 Each augmentation is a *random* class that only samples parameters from a ``torch.Generator``
 (:class:`RandomIntensity`, :class:`RandomCurve`, :class:`RandomBlur`, :class:`RandomSpatial`,
-:class:`RandomTissueContrast`) and a *deterministic* function that applies given parameters
-(:func:`apply_intensity`, :func:`apply_curve`, :func:`apply_blur`, :func:`apply_spatial`,
-:func:`apply_tissue_contrast`). Training stays reproducible
-and resumable (the generator's state is checkpointed), and every transform can be tested alone.
+:class:`RandomTissueContrast`, :class:`RandomTissueGain`) and a *deterministic* function that
+applies given parameters (:func:`apply_intensity`, :func:`apply_curve`, :func:`apply_blur`,
+:func:`apply_spatial`, :func:`apply_tissue_contrast`, :func:`apply_tissue_gain`). Training stays
+reproducible and resumable (the generator's state is checkpointed), and every transform can be
+tested alone.
 
 Patches are torch tensors ``(C, D, H, W)`` with intensities normalised to about [0, 1] (CT through
 the fixed HU window, U/S from uint8) and a 0/1 mask of the same spatial size. For U/S windows
@@ -25,6 +26,7 @@ from kidneyreg.preprocess import CT_WINDOW_HU
 from kidneyreg.simulate.tissues import Tissue
 
 __all__ = [
+    "TISSUE_LOG_GAIN_STD",
     "TISSUE_OFFSET_STD_HU",
     "Augmentation",
     "IntensityParams",
@@ -33,12 +35,14 @@ __all__ = [
     "RandomIntensity",
     "RandomSpatial",
     "RandomTissueContrast",
+    "RandomTissueGain",
     "SpatialParams",
     "apply_blur",
     "apply_curve",
     "apply_intensity",
     "apply_spatial",
     "apply_tissue_contrast",
+    "apply_tissue_gain",
     "default_augmentation",
 ]
 
@@ -380,6 +384,116 @@ class RandomTissueContrast:
         for tissue in _PARENCHYMA:
             offsets[int(tissue)] += self.scale * self.parenchyma_std_hu * float(draws[0])
         return offsets
+
+
+#: Standard deviation of each tissue's own log gain in :class:`RandomTissueGain` (U/S). Air, gas,
+#: lung and bone are left alone: their look is reflection and shadow, not tissue backscatter.
+TISSUE_LOG_GAIN_STD: dict[Tissue, float] = {
+    tissue: 0.3
+    for tissue in (
+        Tissue.FAT,
+        Tissue.MUSCLE,
+        Tissue.LIVER,
+        Tissue.SPLEEN,
+        Tissue.BOWEL,
+        Tissue.CORTEX,
+        Tissue.MEDULLA,
+        Tissue.SINUS_FAT,
+        Tissue.COLLECTING,
+        Tissue.ARTERY,
+        Tissue.VEIN,
+        Tissue.SOFT_TISSUE,
+        Tissue.FLUID,
+    )
+}
+_KIDNEY = (Tissue.CORTEX, Tissue.MEDULLA, Tissue.SINUS_FAT, Tissue.COLLECTING)
+
+
+def apply_tissue_gain(
+    image: torch.Tensor,
+    tissues: torch.Tensor,
+    gains: torch.Tensor,
+    *,
+    edge_sigma: float = 0.75,
+) -> torch.Tensor:
+    """Scale each tissue's U/S brightness by its own gain, blending smoothly across boundaries.
+
+    The gain map (``gains[tissues]``) is blurred by ``edge_sigma`` pixels in each frame's plane
+    (never across frames) before it multiplies the image, so speckle is kept, dark pixels (an
+    acoustic shadow, outside the fan) stay dark, and tissue edges stay soft. The result is
+    clipped to [0, 1], the range of normalised U/S.
+
+    Args:
+        image: ``(C, D, H, W)`` U/S window normalised by :func:`kidneyreg.preprocess.normalize_us`
+            (``D`` the frames).
+        tissues: ``(D, H, W)`` integer tissue labels on the same grid.
+        gains: ``(256,)`` gain of every label value (1: unchanged).
+        edge_sigma: Blur of the gain map in pixels (0: none).
+
+    Returns:
+        A new float tensor of the image's shape.
+
+    Example:
+        >>> image = torch.full((1, 1, 2, 2), 0.4)
+        >>> gains = torch.ones(256); gains[9] = 1.5  # renal cortex 50 % brighter
+        >>> apply_tissue_gain(image, torch.tensor([[[4, 9], [4, 9]]]), gains, edge_sigma=0)
+        tensor([[[[0.4000, 0.6000],
+                  [0.4000, 0.6000]]]])
+    """
+    if image.ndim != 4 or tuple(tissues.shape) != tuple(image.shape[1:]):
+        raise ValueError(
+            f"image must be (C, D, H, W) and tissues (D, H, W) of the same size, got "
+            f"{tuple(image.shape)} and {tuple(tissues.shape)}"
+        )
+    if gains.shape != (_N_LABELS,):
+        raise ValueError(f"gains must have {_N_LABELS} entries, got {tuple(gains.shape)}")
+    if bool((gains < 0).any()):
+        raise ValueError("gains must be non-negative")
+    gain = gains.to(image.device).float()[tissues.long()].unsqueeze(0)
+    if edge_sigma > 0:
+        gain = apply_blur(gain, edge_sigma, in_plane=True)
+    return (image.float() * gain).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomTissueGain:
+    """Sampler of per-tissue U/S gains for :func:`apply_tissue_gain`.
+
+    The simulator gives every tissue one echogenicity relative to liver; real patients and
+    machines differ (a bright fatty liver, an echogenic diseased cortex, a large bright renal
+    sinus, another gain curve). A log-normal gain per tissue, with a common factor for the whole
+    kidney on top, stops the U/S network from relying on the simulator's brightness order of
+    the kidney and its neighbours, so it reads the organ's outline and layout (the U/S
+    counterpart of :class:`RandomTissueContrast`).
+
+    Example:
+        >>> gains = RandomTissueGain().sample(torch.Generator().manual_seed(0))
+        >>> gains is None or (gains.shape == (256,) and bool((gains > 0).all()))
+        True
+    """
+
+    scale: float = 1.0
+    kidney_log_std: float = 0.25
+    probability: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.scale < 0 or self.kidney_log_std < 0:
+            raise ValueError("scale and kidney_log_std must be non-negative")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {self.probability}")
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor | None:
+        """Gains for every label value, or None (no change); fixed number of draws."""
+        apply = _uniform(generator, 0.0, 1.0) < self.probability
+        draws = torch.randn(len(TISSUE_LOG_GAIN_STD) + 1, generator=generator)
+        if not apply:
+            return None
+        log_gains = torch.zeros(_N_LABELS)
+        for draw, (tissue, std) in zip(draws[1:], TISSUE_LOG_GAIN_STD.items(), strict=True):
+            log_gains[int(tissue)] = self.scale * std * float(draw)
+        for tissue in _KIDNEY:
+            log_gains[int(tissue)] += self.scale * self.kidney_log_std * float(draws[0])
+        return torch.exp(log_gains)
 
 
 # ----------------------------------------------------------------------------------------------

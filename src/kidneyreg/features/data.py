@@ -39,11 +39,16 @@ import torch
 from numpy.typing import NDArray
 
 from kidneyreg.errors import InputError
-from kidneyreg.features.augment import RandomTissueContrast, apply_tissue_contrast
+from kidneyreg.features.augment import (
+    RandomTissueContrast,
+    RandomTissueGain,
+    apply_tissue_contrast,
+    apply_tissue_gain,
+)
 from kidneyreg.features.config import FeatureNetConfig
 from kidneyreg.io.cases import patient_id
 from kidneyreg.io.image import grid_difference, read_ct, read_mask
-from kidneyreg.io.us import read_us_mask, read_us_sequence
+from kidneyreg.io.us import UltrasoundSequence, read_us_mask, read_us_sequence
 from kidneyreg.preprocess import (
     CT_AIR_HU,
     normalize_ct,
@@ -72,6 +77,7 @@ _SIM_CT = ("ct.nii.gz", "ct_kidney_mask.nii.gz")
 _KITS_CT = ("imaging.nii.gz", "segmentation.nii.gz")
 _SIM_US = ("us.nii.gz", "us_kidney_mask.nii.gz")
 _SIM_LABELS = "labels.nii.gz"
+_SIM_US_LABELS = "us_labels.nii.gz"
 
 _Scalar = TypeVar("_Scalar", bound=np.generic)
 # How deep find_cases looks for case folders (cohorts of cohorts of cases at most).
@@ -105,7 +111,14 @@ def _case_files(folder: Path, name: str, modality: str) -> CaseFiles | None:
     if modality == "us":
         image, mask = (folder / file for file in _SIM_US)
         if image.is_file() and mask.is_file():
-            return CaseFiles(name, patient_id(folder, name), image, mask)
+            labels = folder / _SIM_US_LABELS
+            return CaseFiles(
+                name,
+                patient_id(folder, name),
+                image,
+                mask,
+                tissue_labels=labels if labels.is_file() else None,
+            )
         return None
     image, mask = (folder / file for file in _SIM_CT)
     if image.is_file() and mask.is_file():
@@ -213,8 +226,8 @@ class CaseData:
         image: float16 ``(D, H, W)`` normalised CT, or ``(n_frames, rows, cols)`` U/S frames.
         mask: uint8 0/1, same shape.
         kidney_voxels: int32 ``(K, 3)`` indices of the kidney voxels (patch centres).
-        tissues: uint8 simulator tissue labels on the image grid (CT of a simulated case), used by
-            the tissue-contrast augmentation; None for other data.
+        tissues: uint8 simulator tissue labels on the image grid (CT or U/S frames of a
+            simulated case), used by the tissue-contrast augmentation; None for other data.
     """
 
     name: str
@@ -321,6 +334,24 @@ def _tissues_on(files: CaseFiles, ct: sitk.Image, prepared: sitk.Image) -> NDArr
     return sitk.GetArrayFromImage(on_grid).astype(np.uint8)
 
 
+def _us_tissues_on(
+    files: CaseFiles, sequence: UltrasoundSequence, spacing: float
+) -> NDArray[np.uint8] | None:
+    """The simulator's U/S tissue labels on the resampled frames, or None (other data)."""
+    if files.tissue_labels is None:
+        return None
+    try:
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(files.tissue_labels)))
+    except RuntimeError as error:
+        raise InputError(files.tissue_labels, "unreadable U/S tissue label map") from error
+    if labels.shape != sequence.shape:
+        return None  # not this sequence's labels: train without them
+    resampled, _ = resample_us_frames(
+        labels.astype(np.uint8), sequence.pixel_size, spacing, interpolator="nearest"
+    )
+    return np.asarray(resampled, dtype=np.uint8)
+
+
 def _pad_to(array: NDArray[_Scalar], shape: Sequence[int], value: float) -> NDArray[_Scalar]:
     """Pad symmetrically so that every axis is at least ``shape``."""
     missing = [max(0, int(n) - s) for n, s in zip(shape, array.shape, strict=True)]
@@ -368,7 +399,10 @@ def load_case(files: CaseFiles, config: FeatureNetConfig) -> CaseData:
         mask = _pad_to(mask, frame_shape, 0)
         if not mask.any():
             raise InputError(files.mask, f"U/S kidney mask vanishes at {config.spacing} mm")
-    return CaseData.from_arrays(files.name, image, mask)
+        us_tissues = _us_tissues_on(files, sequence, config.spacing)
+        if us_tissues is not None:
+            us_tissues = _pad_to(us_tissues, frame_shape, 0)
+        return CaseData.from_arrays(files.name, image, mask, us_tissues)
 
 
 def load_cases(
@@ -402,8 +436,9 @@ class PatchSampler:
         cases: Preprocessed cases (every axis at least the patch size, frames excepted).
         config: Network configuration (patch size, modality).
         kidney_fraction: Probability that a patch is centred on kidney.
-        tissue_contrast: Recolour the tissues of CT patches whose case has a tissue label map
-            (:class:`~kidneyreg.features.augment.RandomTissueContrast`); None leaves them as read.
+        tissue_contrast: Recolour the tissues of patches whose case has a tissue label map: CT
+            with :class:`~kidneyreg.features.augment.RandomTissueContrast`, U/S with
+            :class:`~kidneyreg.features.augment.RandomTissueGain`; None leaves them as read.
 
     Example:
         >>> sampler = PatchSampler([case], feature_config("ct", "tiny"))  # doctest: +SKIP
@@ -417,7 +452,7 @@ class PatchSampler:
         cases: Sequence[CaseData],
         config: FeatureNetConfig,
         kidney_fraction: float = 2.0 / 3.0,
-        tissue_contrast: RandomTissueContrast | None = None,
+        tissue_contrast: RandomTissueContrast | RandomTissueGain | None = None,
     ) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
@@ -487,7 +522,7 @@ class PatchSampler:
             ]
             box = tuple(slice(s, s + p) for s, p in zip(starts, patch, strict=True))
             image, mask = case.image[box], case.mask[box]
-            if self.tissue_contrast is not None:
+            if isinstance(self.tissue_contrast, RandomTissueContrast):
                 # Drawn for every patch, so the generator's sequence does not depend on the data.
                 offsets = self.tissue_contrast.sample(generator)
                 if offsets is not None and case.tissues is not None:
@@ -508,6 +543,14 @@ class PatchSampler:
             rows = slice(starts[0], starts[0] + patch[1])
             cols = slice(starts[1], starts[1] + patch[2])
             image, mask = case.image[frames, rows, cols], case.mask[frames, rows, cols]
+            if isinstance(self.tissue_contrast, RandomTissueGain):
+                gains = self.tissue_contrast.sample(generator)  # drawn for every patch
+                if gains is not None and case.tissues is not None:
+                    image = apply_tissue_gain(
+                        torch.from_numpy(image.astype(np.float32))[None],
+                        torch.from_numpy(case.tissues[frames, rows, cols]),
+                        gains,
+                    )[0].numpy()
         image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)
         mask_t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)).unsqueeze(0)
         return image_t, mask_t

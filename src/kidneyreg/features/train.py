@@ -37,7 +37,12 @@ import torch
 
 from kidneyreg.checkpoint import load_checkpoint, save_checkpoint
 from kidneyreg.errors import InputError
-from kidneyreg.features.augment import Augmentation, RandomTissueContrast, default_augmentation
+from kidneyreg.features.augment import (
+    Augmentation,
+    RandomTissueContrast,
+    RandomTissueGain,
+    default_augmentation,
+)
 from kidneyreg.features.config import FeatureNetConfig, feature_config
 from kidneyreg.features.data import (
     CaseData,
@@ -96,10 +101,11 @@ class TrainSettings:
         val_patches: Number of (fixed) validation patches evaluated after each epoch.
         seed: Seed of the split, the patches, the augmentation and the dropout.
         augment: Whether to augment the training patches.
-        tissue_contrast: CT only: also shift each simulated tissue's HU independently
-            (:class:`~kidneyreg.features.augment.RandomTissueContrast`; needs the simulator's
-            tissue label maps). Off by default: it did not bring the bundled model closer to
-            the real CT (docs/models.md).
+        tissue_contrast: Also vary each simulated tissue's brightness independently: CT HU
+            offsets (:class:`~kidneyreg.features.augment.RandomTissueContrast`, needs
+            ``labels.nii.gz``), U/S gains (:class:`~kidneyreg.features.augment.RandomTissueGain`,
+            needs ``us_labels.nii.gz``). Off by default; on the CT it did not bring the bundled
+            model closer to the real CT (docs/models.md).
         patch_scale: Largest factor on the patch size along each downsampled axis: every step
             draws its patch size, per axis, uniformly between the configured size and this
             factor times it (multiples of the network's downsampling, at most what every
@@ -429,8 +435,9 @@ def train_feature_net(
         best_dice = float(payload["best_val_dice"])
         start_epoch = int(payload["epoch"])
         split = payload.get("split", split)
-    recolour = settings.augment and settings.tissue_contrast and config.modality == "ct"
-    tissue_contrast = RandomTissueContrast() if recolour else None
+    tissue_contrast: RandomTissueContrast | RandomTissueGain | None = None
+    if settings.augment and settings.tissue_contrast:
+        tissue_contrast = RandomTissueContrast() if config.modality == "ct" else RandomTissueGain()
     sampler = PatchSampler(train_cases, config, settings.kidney_fraction, tissue_contrast)
     # Fixed validation patches: the same every epoch and in a resumed run. They have the size
     # of the inference window (within what the validation cases hold), so the best epoch is
