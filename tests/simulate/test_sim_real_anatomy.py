@@ -152,3 +152,33 @@ def test_kits_style_folder(real_ct_dir: Path, tmp_path: Path) -> None:
     assert set(one.kidneys) == {"right"}
     with pytest.raises(InputError, match="no left kidney label"):
         anatomy_from_ct(ct, single, kidney="left", scheme="kits", spacing=3.0)
+
+
+def test_kidney_layers_follow_the_capsule_and_the_sinus_is_kept(real_ct_dir: Path) -> None:
+    """Cortex under the capsule, medulla inside it, sinus in the middle (as on U/S), even though
+    the label map leaves the sinus out and the scan has no contrast to show the layers."""
+    from scipy import ndimage
+
+    ct, anatomy = read_real_anatomy(real_ct_dir, kidney="right", spacing=SPACING)
+    _, with_sinus = read_real_anatomy(
+        real_ct_dir, kidney="right", spacing=SPACING, include_sinus=True
+    )
+    labels = sitk.GetArrayFromImage(with_sinus.labels)
+    side = sitk.GetArrayFromImage(with_sinus.kidney_side)
+    given = sitk.GetArrayFromImage(anatomy.kidney_side)
+    hu = sitk.GetArrayFromImage(ct)
+    for value in SIDE_VALUES.values():
+        kidney, label_only = side == value, given == value
+        assert label_only.sum() < kidney.sum() < 1.3 * label_only.sum()  # the sinus joins
+        share = {t: float(np.mean(labels[kidney] == t)) for t in Tissue}
+        assert 0.4 < share[Tissue.CORTEX] < 0.8
+        assert share[Tissue.MEDULLA] > 0.1 and share[Tissue.SINUS_FAT] > 0.05
+        # Depth below the capsule (filled kidney): the cortex is outermost (the sinus opens to
+        # the hilum, so it is not deepest on average).
+        filled = ndimage.binary_fill_holes(kidney)
+        depth = ndimage.distance_transform_edt(filled) * SPACING
+        means = [float(depth[kidney & (labels == t)].mean()) for t in (9, 10, 11)]
+        assert means[0] + 3.0 < min(means[1], means[2]), means
+        # The added sinus is the blurred mixture of fat and soft tissue, not parenchyma.
+        assert np.median(hu[kidney & ~label_only]) < 10.0
+    np.testing.assert_array_equal(np.isin(labels, kidney_labels()), side > 0)

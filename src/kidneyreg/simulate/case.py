@@ -179,9 +179,11 @@ def _load_anatomy(
         output_spacing = None if profile.name != "paper" else (0.8, 0.8, 2.0)
         ct = render_ct(anatomy, phase=phase, seed=seed, output_spacing=output_spacing)
         return ct, anatomy, "procedural anatomy"
-    # Keep the whole CT along S-I: the fan reaches ~12 cm above and below the kidney.
+    # Keep the whole CT along S-I: the fan reaches ~12 cm above and below the kidney. The sinus
+    # joins the kidney as in the procedural anatomy: the U/S kidney outline is the capsule, and
+    # the sinus must render as the bright central echo complex, not as perirenal fat.
     ct, anatomy = read_real_anatomy(
-        from_ct, labels, kidney, spacing=max(spacing, 1.0), si_margin_mm=None
+        from_ct, labels, kidney, spacing=max(spacing, 1.0), si_margin_mm=None, include_sinus=True
     )
     return ct, anatomy, str(labels if labels is not None else from_ct)
 

@@ -13,11 +13,15 @@ units elsewhere:
   after light smoothing) and contrast-filled vessels (ARTERY) otherwise, so that an enhanced
   aorta does not cast an acoustic shadow.
 
-Each kidney is split into its inner structure from HU and depth: renal sinus fat (fat HU deeper
-than 4 mm inside the kidney's convex hull; deep hull voxels of fat or fluid HU next to the hilum
-join the organ, as the sinus belongs to the kidney), collecting system (fluid HU next to the sinus,
-clearly darker than the parenchyma in enhanced scans), cortex (the outer ~7 mm rim, plus the bright
-class of an Otsu split in a corticomedullary scan: columns of Bertin) and medulla (the rest).
+Each kidney is split into its inner structure from HU and the depth below its capsule (the
+kidney's convex hull): renal sinus (fat HU deeper than 4 mm, and with ``include_sinus`` the deep
+hull voxels outside the label, where label maps leave the sinus out: fat, vessels and collecting
+system, which thick slices blur to between fat and water HU; on U/S the bright central echo
+complex), collecting system (fluid clearly darker than the parenchyma next to the sinus in
+enhanced scans; without contrast only a sizeable water-HU cavity outside the parenchyma, a dilated
+pelvis), cortex (the outer ~7 mm under the capsule, plus the bright class of an Otsu split in a
+corticomedullary scan: columns of Bertin) and medulla (the rest of the parenchyma: the pyramids,
+which face the sinus).
 
 The compartment that moves with breathing is the body minus its wall: the outer 20 mm shell,
 bone and 10 mm around it, and labelled back and psoas muscles; organs, kidneys and 10 mm
@@ -273,35 +277,45 @@ def _split_kidney(
 ) -> tuple[NDArray[np.bool_], NDArray[np.uint8], NDArray[np.bool_], dict[str, Any]]:
     """Inner structure of one kidney, on the kidney's bounding box.
 
+    Depths are measured from the capsule, approximated by the kidney's convex hull: the
+    parenchyma facing the sinus is medulla (the pyramids point there), not a second cortex.
+
     Returns:
         (whole organ, tissue labels, hilum region = hull minus label, statistics).
     """
     hull = _convex_hull_mask(organ)
-    hull_depth = _distance_inside(hull, spacing)
-    depth = _distance_inside(organ, spacing)
+    capsule_depth = _distance_inside(hull, spacing)
+    deep = capsule_depth > _SINUS_DEPTH_MM
     whole = organ
     if include_sinus:
         # The deep part of the hull outside the label is the hilum and sinus; fat or fluid
         # there belongs to the kidney (label maps often leave the sinus out).
-        extra = hull & ~organ & (hull_depth > _SINUS_DEPTH_MM) & (hu < 40.0) & (hu > _GAS_HU)
+        extra = hull & ~organ & deep & (hu < 40.0) & (hu > _GAS_HU)
         whole = organ | extra
-    parenchyma = organ & (hu > 20.0) & (depth > spacing)
+    parenchyma = organ & (hu > 20.0) & (_distance_inside(organ, spacing) > spacing)
     median = float(np.median(hu[parenchyma])) if parenchyma.any() else 30.0
     enhanced = median > 90.0
-    fat = hu < -20.0
-    sinus = whole & fat & (hull_depth > _SINUS_DEPTH_MM)
     hilum = hull & ~organ
-    near_sinus = ndimage.binary_dilation(sinus | hilum, iterations=max(1, round(6.0 / spacing)))
-    fluid = (hu >= -20.0) & (hu < 30.0)
+    # The sinus: fat deep in the kidney, and everything of the kidney outside the organ label
+    # (fat, vessels and the collapsed collecting system, read between fat and water HU on thick
+    # slices); on U/S it is the bright central echo complex.
+    sinus = whole & deep & ((hu < -20.0) | ~organ)
+    collecting = np.zeros_like(organ)
     if enhanced:
-        fluid &= hu < median - 40.0
-    collecting = whole & fluid & near_sinus & (hull_depth > _SINUS_DEPTH_MM) & ~sinus
-    if not enhanced:
-        # Without contrast urine and parenchyma look alike: trust only the hilar fluid.
-        collecting &= ~organ | (depth > 2 * _CORTEX_MM)
+        # Only contrast tells urine (and unenhanced vessels) from the mixture of sinus fat and
+        # soft tissue: fluid clearly darker than the enhanced parenchyma, next to the sinus.
+        near_sinus = ndimage.binary_dilation(sinus | hilum, iterations=max(1, round(6.0 / spacing)))
+        fluid = (hu >= -20.0) & (hu < min(30.0, median - 40.0))
+        collecting = whole & fluid & near_sinus & deep
+    else:
+        # Without contrast, urine reads like that mixture: only a sizeable cavity of water HU
+        # outside the parenchyma (a dilated pelvis) is taken as collecting system.
+        water = whole & deep & ~organ & (hu >= -5.0) & (hu < 25.0)
+        collecting = ndimage.binary_opening(water, iterations=max(1, round(4.0 / spacing)))
+    sinus &= ~collecting
     labels = np.zeros(organ.shape, np.uint8)
     labels[whole] = Tissue.MEDULLA
-    cortex = whole & (depth < _CORTEX_MM) & organ
+    cortex = organ & (capsule_depth < _CORTEX_MM)
     split = None
     if enhanced and parenchyma.sum() > 50:
         split = _otsu(hu[parenchyma])
@@ -312,8 +326,8 @@ def _split_kidney(
         else:
             split = None
     labels[cortex] = Tissue.CORTEX
-    labels[sinus] = Tissue.SINUS_FAT
-    labels[collecting] = Tissue.COLLECTING
+    labels[sinus & ~cortex] = Tissue.SINUS_FAT
+    labels[collecting & ~cortex] = Tissue.COLLECTING
     stats = {"parenchyma_median_hu": median, "enhanced": bool(enhanced), "otsu_hu": split}
     return whole, labels, hilum, stats
 
