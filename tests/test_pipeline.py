@@ -427,3 +427,24 @@ def test_network_kidney_centroid_ignores_small_false_regions(
     np.testing.assert_array_equal(
         pipeline.largest_region_per_frame(truth + blob), truth.astype(bool)
     )
+
+
+def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
+    frames = np.zeros((6, 20, 30), bool)
+    frames[:, 2:8, 2:8] = True  # the kidney: 36 pixels in every frame
+    frames[::2, 12:19, 20:27] = True  # another structure, 49 pixels, in every other frame
+    frames[4, 2:8, 2:8] = False  # the kidney is not seen in frame 4
+    frames[5, 0, 29] = True  # an isolated pixel
+    kept = pipeline.persistent_region(frames)
+    # Frame by frame the other structure would win in frames 0, 2 and 4; here the kidney is kept
+    # in every frame that shows it (frame 5 too, after the gap: it overlaps the kidney's
+    # footprint), and frame 4 stays empty (its centroid is interpolated).
+    other = np.zeros((20, 30), bool)
+    other[12:19, 20:27] = True
+    np.testing.assert_array_equal(pipeline.largest_region_per_frame(frames)[0], other)
+    expected = np.zeros_like(frames)
+    expected[[0, 1, 2, 3, 5], 2:8, 2:8] = True
+    np.testing.assert_array_equal(kept, expected)
+    assert not pipeline.persistent_region(np.zeros((2, 3, 3), bool)).any()
+    with pytest.raises(ValueError, match="frames, rows, cols"):
+        pipeline.persistent_region(np.zeros((3, 3), bool))
