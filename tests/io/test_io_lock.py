@@ -15,6 +15,19 @@ from kidneyreg.io.lock import LOCKING_AVAILABLE, FileLock
 pytestmark = pytest.mark.skipif(not LOCKING_AVAILABLE, reason="no flock on this platform")
 
 
+def _acquire_in_background(lock: FileLock) -> tuple[threading.Thread, threading.Event]:
+    """Start a thread that waits for ``lock``; the event is set once it holds it."""
+    got = threading.Event()
+
+    def wait_for_it() -> None:
+        lock.acquire()
+        got.set()
+
+    thread = threading.Thread(target=wait_for_it)
+    thread.start()
+    return thread, got
+
+
 def test_shared_locks_coexist_and_exclude_an_exclusive_one(tmp_path: Path) -> None:
     path = tmp_path / "work.lock"
     first, second = FileLock(path, shared=True), FileLock(path, shared=True)
@@ -49,14 +62,7 @@ def test_lock_held_by_another_process_blocks_until_it_ends(tmp_path: Path) -> No
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         waiter = FileLock(path)
         assert not waiter.acquire(blocking=False)
-        got = threading.Event()
-
-        def wait_for_it() -> None:
-            waiter.acquire()
-            got.set()
-
-        thread = threading.Thread(target=wait_for_it)
-        thread.start()
+        thread, got = _acquire_in_background(waiter)
         time.sleep(0.2)
         assert not got.is_set()
         assert holder.stdin is not None
@@ -79,14 +85,7 @@ def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(tmp_path: Path) -> No
     first = FileLock(path)
     first.acquire()
     waiter = FileLock(path)
-    got = threading.Event()
-
-    def wait_for_it() -> None:
-        waiter.acquire()
-        got.set()
-
-    thread = threading.Thread(target=wait_for_it)
-    thread.start()
+    thread, got = _acquire_in_background(waiter)
     time.sleep(0.2)
     # The holder tidies up; a newcomer locks the path afresh before the waiter wakes up.
     newcomer = FileLock(path)

@@ -300,6 +300,20 @@ _PARENCHYMA = (Tissue.CORTEX, Tissue.MEDULLA)
 _N_LABELS = 256
 
 
+def _check_tissue_map(
+    image: torch.Tensor, tissues: torch.Tensor, table: torch.Tensor, name: str
+) -> None:
+    """Raise ValueError unless ``image`` is (C, D, H, W), ``tissues`` (D, H, W) and ``table`` has
+    one entry per label value."""
+    if image.ndim != 4 or tuple(tissues.shape) != tuple(image.shape[1:]):
+        raise ValueError(
+            f"image must be (C, D, H, W) and tissues (D, H, W) of the same size, got "
+            f"{tuple(image.shape)} and {tuple(tissues.shape)}"
+        )
+    if table.shape != (_N_LABELS,):
+        raise ValueError(f"{name} must have {_N_LABELS} entries, got {tuple(table.shape)}")
+
+
 def apply_tissue_contrast(
     image: torch.Tensor,
     tissues: torch.Tensor,
@@ -329,13 +343,7 @@ def apply_tissue_contrast(
         tensor([[[[0.5000, 0.6000],
                   [0.5000, 0.6000]]]])
     """
-    if image.ndim != 4 or tuple(tissues.shape) != tuple(image.shape[1:]):
-        raise ValueError(
-            f"image must be (C, D, H, W) and tissues (D, H, W) of the same size, got "
-            f"{tuple(image.shape)} and {tuple(tissues.shape)}"
-        )
-    if offsets_hu.shape != (_N_LABELS,):
-        raise ValueError(f"offsets_hu must have {_N_LABELS} entries, got {tuple(offsets_hu.shape)}")
+    _check_tissue_map(image, tissues, offsets_hu, "offsets_hu")
     width = CT_WINDOW_HU[1] - CT_WINDOW_HU[0]
     shift = (offsets_hu.to(image.device).float() / width)[tissues.long()].unsqueeze(0)
     if edge_sigma > 0:
@@ -374,16 +382,34 @@ class RandomTissueContrast:
 
     def sample(self, generator: torch.Generator) -> torch.Tensor | None:
         """Offsets in HU for every label value, or None (no change); fixed number of draws."""
-        apply = _uniform(generator, 0.0, 1.0) < self.probability
-        draws = torch.randn(len(TISSUE_OFFSET_STD_HU) + 1, generator=generator)
-        if not apply:
-            return None
-        offsets = torch.zeros(_N_LABELS)
-        for draw, (tissue, std) in zip(draws[1:], TISSUE_OFFSET_STD_HU.items(), strict=True):
-            offsets[int(tissue)] = self.scale * std * float(draw)
-        for tissue in _PARENCHYMA:
-            offsets[int(tissue)] += self.scale * self.parenchyma_std_hu * float(draws[0])
-        return offsets
+        return _per_tissue_values(
+            generator,
+            self.probability,
+            {t: self.scale * std for t, std in TISSUE_OFFSET_STD_HU.items()},
+            _PARENCHYMA,
+            self.scale * self.parenchyma_std_hu,
+        )
+
+
+def _per_tissue_values(
+    generator: torch.Generator,
+    probability: float,
+    stds: dict[Tissue, float],
+    group: tuple[Tissue, ...],
+    group_std: float,
+) -> torch.Tensor | None:
+    """Gaussian values per label (0 for labels not in ``stds``), ``group`` sharing one more draw
+    of ``group_std`` on top; None with ``1 - probability``. Always the same number of draws."""
+    apply = _uniform(generator, 0.0, 1.0) < probability
+    draws = torch.randn(len(stds) + 1, generator=generator)
+    if not apply:
+        return None
+    values = torch.zeros(_N_LABELS)
+    for draw, (tissue, std) in zip(draws[1:], stds.items(), strict=True):
+        values[int(tissue)] = std * float(draw)
+    for tissue in group:
+        values[int(tissue)] += group_std * float(draws[0])
+    return values
 
 
 #: Standard deviation of each tissue's own log gain in :class:`RandomTissueGain` (U/S). Air, gas,
@@ -440,13 +466,7 @@ def apply_tissue_gain(
         tensor([[[[0.4000, 0.6000],
                   [0.4000, 0.6000]]]])
     """
-    if image.ndim != 4 or tuple(tissues.shape) != tuple(image.shape[1:]):
-        raise ValueError(
-            f"image must be (C, D, H, W) and tissues (D, H, W) of the same size, got "
-            f"{tuple(image.shape)} and {tuple(tissues.shape)}"
-        )
-    if gains.shape != (_N_LABELS,):
-        raise ValueError(f"gains must have {_N_LABELS} entries, got {tuple(gains.shape)}")
+    _check_tissue_map(image, tissues, gains, "gains")
     if bool((gains < 0).any()):
         raise ValueError("gains must be non-negative")
     gain = gains.to(image.device).float()[tissues.long()].unsqueeze(0)
@@ -484,16 +504,14 @@ class RandomTissueGain:
 
     def sample(self, generator: torch.Generator) -> torch.Tensor | None:
         """Gains for every label value, or None (no change); fixed number of draws."""
-        apply = _uniform(generator, 0.0, 1.0) < self.probability
-        draws = torch.randn(len(TISSUE_LOG_GAIN_STD) + 1, generator=generator)
-        if not apply:
-            return None
-        log_gains = torch.zeros(_N_LABELS)
-        for draw, (tissue, std) in zip(draws[1:], TISSUE_LOG_GAIN_STD.items(), strict=True):
-            log_gains[int(tissue)] = self.scale * std * float(draw)
-        for tissue in _KIDNEY:
-            log_gains[int(tissue)] += self.scale * self.kidney_log_std * float(draws[0])
-        return torch.exp(log_gains)
+        log_gains = _per_tissue_values(
+            generator,
+            self.probability,
+            {t: self.scale * std for t, std in TISSUE_LOG_GAIN_STD.items()},
+            _KIDNEY,
+            self.scale * self.kidney_log_std,
+        )
+        return None if log_gains is None else torch.exp(log_gains)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -108,21 +108,11 @@ class CaseFiles:
 
 
 def _case_files(folder: Path, name: str, modality: str) -> CaseFiles | None:
-    if modality == "us":
-        image, mask = (folder / file for file in _SIM_US)
-        if image.is_file() and mask.is_file():
-            labels = folder / _SIM_US_LABELS
-            return CaseFiles(
-                name,
-                patient_id(folder, name),
-                image,
-                mask,
-                tissue_labels=labels if labels.is_file() else None,
-            )
-        return None
-    image, mask = (folder / file for file in _SIM_CT)
+    # A simulated case: image, kidney mask and (when written) the tissue label map.
+    files, labels_name = (_SIM_US, _SIM_US_LABELS) if modality == "us" else (_SIM_CT, _SIM_LABELS)
+    image, mask = (folder / file for file in files)
     if image.is_file() and mask.is_file():
-        labels = folder / _SIM_LABELS
+        labels = folder / labels_name
         return CaseFiles(
             name,
             patient_id(folder, name),
@@ -130,6 +120,8 @@ def _case_files(folder: Path, name: str, modality: str) -> CaseFiles | None:
             mask,
             tissue_labels=labels if labels.is_file() else None,
         )
+    if modality == "us":
+        return None
     image, mask = (folder / file for file in _KITS_CT)
     if image.is_file() and mask.is_file():
         return CaseFiles(name, name, image, mask, labels=(1, 2))
