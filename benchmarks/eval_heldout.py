@@ -6,7 +6,8 @@ then (``--adapt``) adapts it on the first detected breathing cycle (the paper's 
 learning, 2 epochs) and registers again. Every pose set is scored against the ground truth with
 :func:`kidneyreg.evaluation.evaluate.evaluate_frames` on the same frames: those after the
 adaptation cycle with ``--adapt`` (as the paper scores the rest of the sequence), all frames
-without. Rows: initial alignment (kidney centroids matched; default sagittal pose, or with
+without. Rotation errors are also split along the true frame axes (tilts about u and v, in-plane).
+Rows: initial alignment (kidney centroids matched; default sagittal pose, or with
 ``--init`` each case's ``init.json``, e.g. a flank simulation), pretrained,
 adapted; means over cases of the per-case means, per group (A, B) and overall.
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 
 from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT
 from kidneyreg.evaluation.evaluate import evaluate_frames
@@ -40,6 +42,15 @@ from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import DEFAULT_REFINEMENTS, Registrar, load_registration_model
 
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
+#: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
+#: axes move the plane out of itself, a rotation about the normal (w) stays in plane.
+AXIS_METRICS = ("tilt_u_deg", "tilt_v_deg", "inplane_deg")
+
+
+def axis_errors_deg(estimated: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` absolute rotation-vector components of ``true^-1 estimated`` in frame axes."""
+    relative = np.einsum("nji,njk->nik", true[:, :3, :3], estimated[:, :3, :3])
+    return np.abs(Rotation.from_matrix(relative).as_rotvec(degrees=True))
 
 
 def _scores(values: dict[str, Any], frames: np.ndarray) -> dict[str, float]:
@@ -99,14 +110,16 @@ def evaluate_case(
         matrices = initial if result is None else result.matrices
         values = evaluate_frames(ct_mask, us_masks, sequence.pixel_size, matrices, truth).values
         row[name] = _scores(values, frames)
+        axes = axis_errors_deg(np.asarray(matrices)[frames], np.asarray(truth)[frames])
+        row[name].update(zip(AXIS_METRICS, map(float, axes.mean(axis=0)), strict=True))
     return row
 
 
 def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
         "| group | cases | method | TRE (mm) | MCD CT-CT (mm) | HD CT-CT (mm) "
-        "| plane angle (deg) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| plane angle (deg) | tilt about u (deg) | tilt about v (deg) | in-plane (deg) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for group in ("A", "B", "all"):
         chosen = [r for r in rows if group in ("all", r["group"])]
@@ -114,7 +127,7 @@ def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
             continue
         for method in methods:
             cells = []
-            for metric in METRICS:
+            for metric in METRICS + AXIS_METRICS:
                 values = np.array([r[method][metric] for r in chosen])
                 cells.append(f"{values.mean():.2f} ± {values.std():.2f}")
             lines.append(f"| {group} | {len(chosen)} | {method} | " + " | ".join(cells) + " |")

@@ -319,6 +319,12 @@ def test_checkpoints(tmp_path: Path) -> None:
         load_registration_model(None, profile="paper")
 
 
+def test_a_model_that_needs_sinus_maps_is_refused(case: SimulatedCase) -> None:
+    net = RegistrationNet(tiny_config().with_changes(structures=("kidney", "sinus")))
+    with pytest.raises(InputError, match="sinus besides the kidney"):
+        Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu")
+
+
 def _reuse_tolerance(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
     """Set the refinement reuse tolerance (mm and degrees) for one test."""
     monkeypatch.setattr(pipeline, "REFINEMENT_REUSE_MM", value)

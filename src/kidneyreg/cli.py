@@ -351,6 +351,14 @@ def pretrain(
             "--images", help="Feed the U/S and CT images to the network beside the feature maps."
         ),
     ] = False,
+    sinus: Annotated[
+        bool,
+        typer.Option(
+            "--sinus",
+            help="Add renal-sinus maps beside the kidney maps (from the cases' label maps; "
+            "--features masks).",
+        ),
+    ] = False,
     ct_feature_model: Annotated[
         Path | None, typer.Option("--ct-feature-model", help="CT feature net (--features network).")
     ] = None,
@@ -429,7 +437,10 @@ def pretrain(
         use_mind=not no_mind,
         use_decoder=not no_decoder,
         hierarchical=not no_hierarchical,
-        config_overrides={"use_images": True} if images else None,
+        config_overrides={
+            **({"use_images": True} if images else {}),
+            **({"structures": ("kidney", "sinus")} if sinus else {}),
+        },
         log=typer.echo,
     )
     if int(os.environ.get("RANK", "0") or 0) == 0:

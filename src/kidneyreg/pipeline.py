@@ -713,6 +713,15 @@ class Registrar:
         self.device = _resolve_device(device)
         self._log = log or (lambda _message: None)
         self.model = self._load_model(model, profile)
+        if self.model.net.config.structures != ("kidney",):
+            # Such models are trained on simulated label maps (pretrain --sinus); registration
+            # has no feature network for the other structures yet.
+            raise InputError(
+                self.model.source,
+                "needs feature maps of "
+                + ", ".join(self.model.net.config.structures[1:])
+                + " besides the kidney, which registration cannot compute yet",
+            )
         self.net: RegistrationNet = copy.deepcopy(self.model.net).to(self.device).eval()
         self._pretrained_state = copy.deepcopy(self.net.state_dict())
         self.profile = self.model.profile

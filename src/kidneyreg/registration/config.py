@@ -18,7 +18,15 @@ from typing import Any
 
 from kidneyreg.profiles import Profile, get_profile
 
-__all__ = ["DEFAULT_MAX_ROTATION_DEG", "DEFAULT_MAX_TRANSLATION_MM", "RegistrationConfig"]
+__all__ = [
+    "DEFAULT_MAX_ROTATION_DEG",
+    "DEFAULT_MAX_TRANSLATION_MM",
+    "STRUCTURES",
+    "RegistrationConfig",
+]
+
+#: Structures a registration network can take feature maps of.
+STRUCTURES: tuple[str, ...] = ("kidney", "sinus")
 
 #: Largest rotation per Euler angle the network can output (degrees). The paper's group B has
 #: rotation norms of 24.7 +- 2.3 deg (2 sigma: 29.3 deg) with random axes, so one angle alone can
@@ -47,6 +55,12 @@ class RegistrationConfig:
         window: Nw, the number of U/S frames per window (odd; the paper uses 5, Appendix G 1/3/5).
         use_images: Feed the images as well as the kidney feature maps (4 input channels instead
             of 2). The paper feeds the feature maps ("image representations").
+        structures: The anatomical structures with a feature map, ``"kidney"`` first (the
+            paper's kidney map); ``("kidney", "sinus")`` adds the renal sinus (sinus fat and
+            collecting system: the central echo complex on U/S), which pins down the plane's
+            out-of-plane tilt far better than the kidney outline
+            (``benchmarks/tilt_observability.py``). Every map enters the network and the
+            feature loss (mean Dice over the structures).
         encoder_channels: Widths of the stride-2 encoder convolutions (paper: 8, 16, 16).
         decoder_channels: Widths of the decoder convolutions (paper: 16, 16, 16, 16, 8, 8): one
             per upsampling level, then the extra full-resolution ones.
@@ -89,6 +103,7 @@ class RegistrationConfig:
     spacing: float
     window: int = 5
     use_images: bool = False
+    structures: tuple[str, ...] = ("kidney",)
     encoder_channels: tuple[int, ...] = (8, 16, 16)
     decoder_channels: tuple[int, ...] = (16, 16, 16, 16, 8, 8)
     use_decoder: bool = True
@@ -112,6 +127,7 @@ class RegistrationConfig:
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so that from_dict(to_dict()) round-trips and equality holds.
         object.__setattr__(self, "volume_shape", tuple(int(n) for n in self.volume_shape))
+        object.__setattr__(self, "structures", tuple(str(n) for n in self.structures))
         for name in ("encoder_channels", "decoder_channels"):
             object.__setattr__(self, name, tuple(int(c) for c in getattr(self, name)))
         object.__setattr__(
@@ -124,6 +140,16 @@ class RegistrationConfig:
             raise ValueError(
                 f"volume_shape must be 3 sizes that are multiples of {_DOWNSAMPLING}, "
                 f"got {self.volume_shape}"
+            )
+        if (
+            not self.structures
+            or self.structures[0] != "kidney"
+            or len(set(self.structures)) != len(self.structures)
+            or not set(self.structures) <= set(STRUCTURES)
+        ):
+            raise ValueError(
+                f"structures must start with 'kidney' and name each of {', '.join(STRUCTURES)} "
+                f"at most once, got {self.structures}"
             )
         if not (math.isfinite(self.spacing) and self.spacing > 0):
             raise ValueError(f"spacing must be a positive number of mm, got {self.spacing}")
@@ -243,7 +269,24 @@ class RegistrationConfig:
     @property
     def input_channels(self) -> int:
         """Channels entering the network: fixed and moving feature maps (+ images)."""
-        return 4 if self.use_images else 2
+        return 2 * len(self.input_names)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """What each network input channel of one side (fixed or moving) holds, in order."""
+        return ("kidney", *(("image",) if self.use_images else ()), *self.structures[1:])
+
+    @property
+    def volume_channels(self) -> tuple[int, ...]:
+        """Channel of a fixed/moving volume (kidney, image, extra structures) for each input."""
+        extra = {name: 1 + i for i, name in enumerate(self.structures) if i > 0}
+        index = {"kidney": 0, "image": 1} | extra
+        return tuple(index[name] for name in self.input_names)
+
+    @property
+    def feature_volume_channels(self) -> tuple[int, ...]:
+        """Channel of a fixed/moving volume holding each structure's map (kidney first)."""
+        return (0, *range(2, 1 + len(self.structures)))
 
     @property
     def levels(self) -> int:

@@ -183,7 +183,7 @@ def _check_inputs(
     matrices: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, config: RegistrationConfig
 ) -> None:
     shape = tuple(reversed(config.volume_shape))
-    need = 2 if config.use_mind else 1
+    need = max(2 if config.use_mind else 1, max(config.feature_volume_channels) + 1)
     for name, volume in (("fixed", fixed), ("moving", moving)):
         if volume.dim() != 5 or tuple(volume.shape[2:]) != shape:
             raise ValueError(
@@ -192,7 +192,8 @@ def _check_inputs(
             )
         if volume.shape[1] < need:
             raise ValueError(
-                f"{name} needs {need} channel(s) (feature map, image), got {volume.shape[1]}"
+                f"{name} needs {need} channel(s) (kidney map, image, other structures' maps), "
+                f"got {volume.shape[1]}"
             )
     if fixed.shape[0] != moving.shape[0]:
         raise ValueError("fixed and moving must have the same batch size")
@@ -215,9 +216,9 @@ def fim_loss(
         matrices: ``(B, Nw, 4, 4)`` rigid ``D_k`` in internal mm (``warped(p) = CT(D_k p)``).
         fixed: ``(B, C, D, H, W)`` U/S window embedded in the grid
             (:func:`~.transformer.embed_window`): channel 0 the kidney feature map, channel 1 the
-            image (needed when ``config.use_mind``).
-        moving: ``(B, C, D, H, W)`` CT on the grid: channel 0 its kidney feature map, channel 1
-            the image (needed when ``config.use_mind``).
+            image (needed when ``config.use_mind``), then the maps of ``config.structures``
+            after the kidney.
+        moving: ``(B, C, D, H, W)`` CT on the grid, the same channels.
         config: Window size, spacing, weights and the ``use_mind`` switch.
         warp: ``"slab"`` samples only the slabs the loss reads; ``"full"`` warps whole volumes
             (same value, slower; for checks).
@@ -242,19 +243,26 @@ def fim_loss(
     channels = 2 if config.use_mind else 1
     matrices = matrices.to(moving.dtype)
 
+    structures = list(config.feature_volume_channels)
+    if structures == [0]:  # the paper's kidney map alone: a view, not a copy
+        moving_maps, fixed_maps = moving[:, :1], fixed[:, :1]
+    else:
+        moving_maps, fixed_maps = moving[:, structures], fixed[:, structures]
+
     if warp == "slab":
-        planes = sample_slab(moving[:, :1], matrices, config.spacing, 0)[:, :, 0, ..., 0]
+        planes = sample_slab(moving_maps, matrices, config.spacing, 0)[..., 0]
         mid_slab = sample_slab(
             moving[:, :channels], matrices[:, mid : mid + 1], config.spacing, half
         )[:, 0]
     else:
+        planes = warp_volume(moving_maps, matrices, config.spacing)[..., centre]
         warped = warp_volume(moving[:, :channels], matrices, config.spacing)
-        planes = warped[:, :, 0, ..., centre]
         mid_slab = warped[:, mid, ..., centre - half : centre + half + 1]
 
-    # Feature loss (Eq. 2): fixed frame k against the warped map's plane x = 0 under D_k.
-    fixed_frames = window_frames(fixed[:, :1], nw)[:, 0].permute(0, 3, 1, 2)  # (B, Nw, D, H)
-    dice = soft_dice(fixed_frames, planes, config.dice_epsilon)
+    # Feature loss (Eq. 2): fixed frame k against the warped map's plane x = 0 under D_k, Dice
+    # averaged over the structures.
+    fixed_frames = window_frames(fixed_maps, nw).permute(0, 4, 1, 2, 3)  # (B, Nw, S, D, H)
+    dice = soft_dice(fixed_frames, planes, config.dice_epsilon).mean(dim=2)
     feature_per_sample = -dice.mean(dim=1)
 
     # Image loss (Eq. 3) on the middle frame.
@@ -263,7 +271,7 @@ def fim_loss(
         ct_masked = mid_slab[:, 1:2] * mid_slab[:, 0:1]
         us_mind = mind_descriptor(us_slab, config.mind_epsilon, x_index=half)[..., 0]
         ct_mind = mind_descriptor(ct_masked, config.mind_epsilon, x_index=half)[..., 0]
-        region = torch.maximum(fixed_frames[:, mid], mid_slab[:, 0, ..., half]).detach()
+        region = torch.maximum(fixed_frames[:, mid, 0], mid_slab[:, 0, ..., half]).detach()
         weighted = (region[:, None] * (us_mind - ct_mind).abs()).sum(dim=(1, 2, 3))
         mind_difference = weighted / (6.0 * region.sum(dim=(1, 2)) + config.dice_epsilon)
     else:

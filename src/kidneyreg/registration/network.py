@@ -51,6 +51,7 @@ __all__ = [
     "RegistrationOutput",
     "parameter_counts",
     "upsample_x_range",
+    "widen_inputs",
     "widen_to_images",
 ]
 
@@ -210,7 +211,8 @@ class RegistrationNet(nn.Module):
 
     def _inputs(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         shape = tuple(reversed(self.config.volume_shape))
-        need = 2 if self.config.use_images else 1
+        channels = list(self.config.volume_channels)
+        need = max(channels) + 1
         for name, volume in (("fixed", fixed), ("moving", moving)):
             if volume.dim() != 5 or tuple(volume.shape[2:]) != shape:
                 raise ValueError(
@@ -219,11 +221,15 @@ class RegistrationNet(nn.Module):
                 )
             if volume.shape[1] < need:
                 raise ValueError(
-                    f"{name} needs {need} channel(s) (feature map, image), got {volume.shape[1]}"
+                    f"{name} needs {need} channel(s) (kidney map, image, other structures' "
+                    f"maps), got {volume.shape[1]}"
                 )
         if fixed.shape[0] != moving.shape[0]:
             raise ValueError("fixed and moving must have the same batch size")
-        x = torch.cat([fixed[:, :need], moving[:, :need]], dim=1)
+        if channels == list(range(len(channels))):
+            x = torch.cat([fixed[:, :need], moving[:, :need]], dim=1)
+        else:
+            x = torch.cat([fixed[:, channels], moving[:, channels]], dim=1)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x
@@ -336,18 +342,7 @@ def widen_to_images(
 ) -> dict[str, torch.Tensor]:
     """Weights of a feature-map-only network, rearranged for ``config`` with ``use_images``.
 
-    The network's input is ``[fixed feature, fixed image, moving feature, moving image]`` with
-    images and ``[fixed feature, moving feature]`` without; the input reaches the first encoder
-    convolution and, as a skip, the finest decoder convolution. Their kernels for the new image
-    channels start at zero, so the widened network computes exactly what the original did and
-    fine-tuning (``pretrain --from --images``) learns how much the images add.
-
-    Args:
-        state: ``state_dict`` of a network with ``use_images=False``.
-        config: The target configuration (``use_images=True``, otherwise the same).
-
-    Returns:
-        A ``state_dict`` for ``RegistrationNet(config)``.
+    :func:`widen_inputs` from the same configuration without images.
 
     Example:
         >>> base = RegistrationConfig.from_profile("tiny", window=3)
@@ -358,25 +353,72 @@ def widen_to_images(
     """
     if not config.use_images:
         raise ValueError("widen_to_images needs a configuration with use_images=True")
+    return widen_inputs(state, config.with_changes(use_images=False), config)
+
+
+def widen_inputs(
+    state: dict[str, torch.Tensor], source: RegistrationConfig, target: RegistrationConfig
+) -> dict[str, torch.Tensor]:
+    """Weights of a network for ``source``, rearranged for ``target``'s wider input.
+
+    The input is ``[fixed inputs, moving inputs]`` with each side's channels named by
+    :attr:`~.config.RegistrationConfig.input_names` (kidney map, image, other structures' maps);
+    it reaches the first encoder convolution and, as a skip, the finest decoder convolution.
+    Kernels of channels ``source`` had keep their weights; those of new channels (images,
+    another structure's map) start at zero, so the widened network computes exactly what the
+    original did and fine-tuning (``pretrain --from``) learns how much the new inputs add.
+
+    Args:
+        state: ``state_dict`` of a network built for ``source``.
+        source: Its configuration.
+        target: The configuration to widen to: the same but for ``use_images`` and
+            ``structures``, whose inputs must include every input of ``source``.
+
+    Returns:
+        A ``state_dict`` for ``RegistrationNet(target)``.
+
+    Example:
+        >>> base = RegistrationConfig.from_profile("tiny", window=3)
+        >>> wide = base.with_changes(structures=("kidney", "sinus"))
+        >>> state = widen_inputs(RegistrationNet(base).state_dict(), base, wide)
+        >>> state["encoder.0.0.weight"].shape[1]
+        4
+    """
+    reduced = target.with_changes(use_images=source.use_images, structures=source.structures)
+    if reduced != source:
+        raise ValueError("widen_inputs can only add images or structures to a configuration")
+    missing = set(source.input_names) - set(target.input_names)
+    if missing:
+        raise ValueError(f"the target configuration drops input(s) {', '.join(sorted(missing))}")
+    old_names, new_names = source.input_names, target.input_names
     widened = dict(state)
     # (parameter, index of its first input-channel kernel) of the two convolutions that read the
     # input (RegistrationNet._inputs): the first encoder conv, and the finest decoder conv, whose
     # input is [upsampled level 2 (decoder_channels[2]), network input].
     first_conv = ("encoder.0.0.weight", 0)
-    decoder_skip = ("decoder.3.0.weight", config.decoder_channels[2])
+    decoder_skip = ("decoder.3.0.weight", target.decoder_channels[2])
     for name, offset in (first_conv, decoder_skip):
         if name not in state:  # the "without decoder layers" ablation has no decoder
             continue
         weight = state[name]
-        if weight.shape[1] != offset + 2:
+        if weight.shape[1] != offset + 2 * len(old_names):
             raise ValueError(
-                f"{name} does not read a 2-channel input (shape {tuple(weight.shape)})"
+                f"{name} does not read a {2 * len(old_names)}-channel input "
+                f"(shape {tuple(weight.shape)})"
             )
         new = torch.zeros(
-            weight.shape[0], offset + 4, *weight.shape[2:], dtype=weight.dtype, device=weight.device
+            weight.shape[0],
+            offset + 2 * len(new_names),
+            *weight.shape[2:],
+            dtype=weight.dtype,
+            device=weight.device,
         )
         new[:, :offset] = weight[:, :offset]
-        new[:, offset] = weight[:, offset]  # fixed feature map
-        new[:, offset + 2] = weight[:, offset + 1]  # moving feature map
+        for side in range(2):  # fixed, moving
+            for i, input_name in enumerate(old_names):
+                j = new_names.index(input_name)
+                new[:, offset + side * len(new_names) + j] = weight[
+                    :, offset + side * len(old_names) + i
+                ]
         widened[name] = new
     return widened

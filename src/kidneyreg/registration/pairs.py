@@ -40,7 +40,7 @@ all frames or one per frame) replaces the default initial pose, as ``--init`` do
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -70,6 +70,7 @@ from kidneyreg.preprocess import (
 )
 from kidneyreg.profiles import Profile, get_profile
 from kidneyreg.registration.pose_model import GaussianPoseModel, initial_to_reference
+from kidneyreg.simulate.tissues import Tissue
 
 if TYPE_CHECKING:
     from kidneyreg.features.infer import FeatureModel
@@ -121,10 +122,19 @@ CASE_FILES: dict[str, str] = {
 REFERENCE_FILES = ("ground_truth.json", "reference.json", "reference.tfm")
 #: Optional initial pose file of a case.
 INIT_FILE = "init.json"
+#: Label maps (simulator tissue codes) that give the maps of structures other than the kidney:
+#: the CT's on the CT grid, the U/S sequence's on its grid.
+LABEL_FILES: dict[str, str] = {"ct": "labels.nii.gz", "us": "us_labels.nii.gz"}
+#: Tissue codes (:class:`kidneyreg.simulate.tissues.Tissue`) of each structure but the kidney.
+STRUCTURE_LABELS: dict[str, tuple[int, ...]] = {
+    "sinus": (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING)),
+}
 
 # Smoothing of the ground-truth masks used as feature maps, in profile voxels (sigma): enough to
 # give the Dice loss a gradient across the boundary, small enough to keep it where it is.
 _FEATURE_SIGMA_VOXELS = 0.5
+# Structures other than the kidney (its sinus) are kept within this distance (mm) of its mask.
+_NEAR_KIDNEY_MM = 5.0
 # Margin (mm) of the cached CT box beyond the registration grid's half diagonal: covers the
 # distance from the CT kidney centroid to a reference grid's origin (a point of the kidney on the
 # reference plane, moved by breathing) plus the sampled translations.
@@ -158,12 +168,16 @@ class CohortCase:
         patient: Grouping key for the train/validation split.
         profile: Resolution profile of the cache.
         ct_centroid: CT kidney centroid (LPS mm).
-        cache: float16 ``(2, Z, Y, X)``: CT kidney feature map and normalised CT on an
-            axis-aligned grid of spacing ``profile.spacing`` around the kidney.
+        cache: float16 ``(2 + S, Z, Y, X)``: CT kidney feature map, normalised CT and the
+            other structures' CT maps on an axis-aligned grid of spacing ``profile.spacing``
+            around the kidney.
         cache_origin: World position (LPS mm) of cache voxel ``(0, 0, 0)``.
         us_frames: float32 ``(n, rows, cols)`` B-mode in [0, 1].
         us_features: float32 ``(n, rows, cols)`` U/S kidney feature maps in [0, 1].
         us_mask: uint8 ``(n, rows, cols)`` U/S kidney masks.
+        us_structures: float32 ``(S, n, rows, cols)`` U/S feature maps of the structures after
+            the kidney (``structures[1:]`` of :func:`load_case`; ``S = 0`` by default). Their CT
+            maps follow the CT image in :attr:`cache`.
         pixel_size: U/S ``(sx, sy)`` mm.
         references: ``(n, 4, 4)`` reference poses ``M_ref`` (U/S image mm -> CT world mm).
         init_poses: ``(n, 4, 4)`` initial poses from ``init.json``, or None (default pose).
@@ -186,6 +200,9 @@ class CohortCase:
     init_poses: NDArray[np.float64] | None
     centroids_uv: NDArray[np.float64]
     ct_mask: sitk.Image
+    us_structures: NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32)
+    )
 
     @property
     def n_frames(self) -> int:
@@ -250,7 +267,7 @@ class CohortCase:
         return np.asarray(uv, dtype=np.float64)
 
     def moving(self, grid_matrix: NDArray[np.float64]) -> torch.Tensor:
-        """The cached feature map and CT sampled on the grid ``grid_matrix``: ``(2, D, H, W)``."""
+        """The cached maps and CT sampled on the grid ``grid_matrix``: ``(2 + S, D, H, W)``."""
         volume = sample_grid(
             self.cache, self.cache_origin, self.profile.spacing, grid_matrix, self.profile
         )
@@ -258,12 +275,16 @@ class CohortCase:
         return volume.clamp_(0.0, 1.0)
 
     def fixed(self, k: int) -> torch.Tensor:
-        """The U/S window's feature maps and images, centred on frame ``k``: ``(2, D, H, W)``."""
+        """The U/S window's feature maps and images, centred on frame ``k``: ``(2 + S, D, H, W)``
+        (kidney map, image, other structures' maps)."""
         uv = self._centroid(k)
-        image = build_us_window(self.us_frames, self.pixel_size, k, uv, self.profile).volume
-        feature = build_us_window(self.us_features, self.pixel_size, k, uv, self.profile).volume
+        sources = [self.us_features, self.us_frames, *self.us_structures]
+        volumes = [
+            build_us_window(frames, self.pixel_size, k, uv, self.profile).volume
+            for frames in sources
+        ]
         # Linear interpolation in float32 can overshoot [0, 1] by a rounding error.
-        return torch.from_numpy(np.clip(np.stack([feature, image]), 0.0, 1.0))
+        return torch.from_numpy(np.clip(np.stack(volumes), 0.0, 1.0))
 
 
 def _cache_grid(ct: sitk.Image, centre: NDArray[np.float64], profile: Profile) -> RegistrationGrid:
@@ -341,6 +362,7 @@ def load_case(
     *,
     features: FeatureSource = "masks",
     feature_models: FeatureModels | None = None,
+    structures: Sequence[str] = ("kidney",),
 ) -> CohortCase:
     """Read a case folder and cache what pair generation and validation need.
 
@@ -351,6 +373,10 @@ def load_case(
             (half a profile voxel); ``"network"``: the feature networks' probability maps. The
             window placement (U/S kidney centroid) always comes from the U/S mask.
         feature_models: The CT and U/S feature models, needed for ``"network"``.
+        structures: Structures with feature maps, ``"kidney"`` first (see
+            :class:`~kidneyreg.registration.config.RegistrationConfig`); the maps of those after
+            the kidney come from the case's label maps (:data:`LABEL_FILES`, smoothed like the
+            masks), so they need ``features="masks"``.
 
     Raises:
         InputError: A missing or invalid file, empty masks, no frame showing the kidney.
@@ -367,6 +393,14 @@ def load_case(
     for key, name in CASE_FILES.items():
         if not (root / name).is_file():
             raise InputError(root / name, f"missing in the case folder ({key})")
+    extra = list(structures)[1:]
+    if not structures or structures[0] != "kidney" or set(extra) - set(STRUCTURE_LABELS):
+        raise ValueError(f"structures must be 'kidney' then any of {list(STRUCTURE_LABELS)}")
+    if extra and features != "masks":
+        raise ValueError("maps of structures other than the kidney need features='masks'")
+    for key, name in LABEL_FILES.items() if extra else ():
+        if not (root / name).is_file():
+            raise InputError(root / name, f"missing: the {', '.join(extra)} map needs it ({key})")
     ct = read_ct(root / CASE_FILES["ct"])
     mask = read_mask(root / CASE_FILES["ct_mask"], ct, kind="kidney mask")
     sequence = read_us_sequence(root / CASE_FILES["us"])
@@ -392,7 +426,30 @@ def load_case(
     feature = grid.resample(ct_feature_source, antialias=True).astype(np.float32)
     if features == "masks":
         feature = smooth_ct_feature(feature)
-    cache = torch.from_numpy(np.stack([np.clip(feature, 0.0, 1.0), ct_array])).to(torch.float16)
+    channels = [np.clip(feature, 0.0, 1.0), ct_array]
+    us_structures = np.zeros((0, *us_mask.shape), np.float32)
+    if extra:
+        # The label maps show both kidneys; keep what lies within _NEAR_KIDNEY_MM of this one.
+        radius = [max(1, round(_NEAR_KIDNEY_MM / d)) for d in ct.GetSpacing()]
+        near_ct_kidney = sitk.BinaryDilate(mask, radius)
+        near_us_kidney = ndimage.binary_dilation(
+            us_mask.astype(bool),
+            np.ones((1, 3, 3), bool),
+            iterations=max(1, round(_NEAR_KIDNEY_MM / min(pixel_size))),
+        )
+        maps = []
+        for name in extra:
+            codes = STRUCTURE_LABELS[name]
+            kind = f"{name} label map"
+            structure = read_mask(root / LABEL_FILES["ct"], ct, kind=kind, labels=codes)
+            structure = sitk.And(structure, near_ct_kidney)  # not the other kidney's
+            resampled = grid.resample(sitk.Cast(structure, sitk.sitkFloat32), antialias=True)
+            channels.append(np.clip(smooth_ct_feature(resampled.astype(np.float32)), 0.0, 1.0))
+            us_structure = read_us_mask(root / LABEL_FILES["us"], sequence, labels=codes)
+            us_structure &= near_us_kidney
+            maps.append(smooth_us_features(us_structure, pixel_size, prof.spacing))
+        us_structures = np.stack(maps)
+    cache = torch.from_numpy(np.stack(channels)).to(torch.float16)
 
     centroids = np.full((sequence.n_frames, 2), np.nan)
     for k in range(sequence.n_frames):
@@ -416,6 +473,7 @@ def load_case(
         init_poses=init_poses,
         centroids_uv=centroids,
         ct_mask=_crop_mask(mask),
+        us_structures=us_structures,
     )
 
 

@@ -74,7 +74,7 @@ from kidneyreg.registration.distributed import (
     teardown_distributed,
 )
 from kidneyreg.registration.loss import fim_loss, pose_supervision_loss
-from kidneyreg.registration.network import RegistrationNet, widen_to_images
+from kidneyreg.registration.network import RegistrationNet, widen_inputs
 from kidneyreg.registration.pairs import (
     CohortCase,
     FeatureModels,
@@ -383,16 +383,19 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
 def _initial_state(path: Path, config: RegistrationConfig) -> dict[str, Any]:
     """The weights of a registration checkpoint made for ``config`` (``--from``).
 
-    A feature-map-only model may start an otherwise identical run with images
-    (:func:`widen_to_images`).
+    A model may start an otherwise identical run that adds inputs: images, or another
+    structure's feature map (:func:`widen_inputs`).
     """
     payload = load_checkpoint(path, kind=CHECKPOINT_KIND)
     if "model" not in payload or "config" not in payload:
         raise InputError(path, "is not a registration model checkpoint (no weights or config)")
     if payload["config"] == config.to_dict():
         return dict(payload["model"])
-    if config.use_images and payload["config"] == config.with_changes(use_images=False).to_dict():
-        return widen_to_images(dict(payload["model"]), config)
+    try:
+        source = RegistrationConfig.from_dict(dict(payload["config"]))
+        return widen_inputs(dict(payload["model"]), source, config)
+    except (ValueError, TypeError):
+        pass
     raise InputError(
         path,
         "was made for another network configuration (profile, window or ablation switches): "
@@ -550,7 +553,13 @@ def pretrain(
             )
         folders = find_cases(cohort_dir)
         cases: list[CohortCase] = [
-            load_case(folder, prof, features=features, feature_models=feature_models)
+            load_case(
+                folder,
+                prof,
+                features=features,
+                feature_models=feature_models,
+                structures=config.structures,
+            )
             for folder in tqdm(folders, desc="loading cases", unit="case", disable=not show)
         ]
         train_idx, val_idx = split_cases([c.patient for c in cases], val_fraction, seed)

@@ -1,0 +1,204 @@
+"""How well does each kind of evidence pin down the U/S plane's out-of-plane tilt?
+
+For simulated cases (``kidneyreg simulate`` folders, with ``labels.nii.gz``, ``us_labels.nii.gz``
+and ``ground_truth.json``), the true pose of every ``--step``-th frame is tilted by an angle
+about the frame's lateral axis (u, columns) or its depth axis (v, rows), through the U/S kidney
+centroid; the tilted CT plane is then shifted in plane to its best kidney-outline overlap with
+the U/S frame (as any registration of the outlines would do). The script reports, against the
+tilt, how well the CT plane still matches the U/S frame by:
+
+* ``kidney``: Dice of the kidney outlines (what a kidney feature map carries),
+* ``sinus``: Dice of the renal sinus (sinus fat and collecting system: the central echo complex),
+* ``medulla``: Dice of the medullary pyramids,
+* ``mind``: mean absolute MIND difference inside the U/S kidney between the B-mode window and the
+  kidney-masked CT (the paper's image term; lower is better).
+
+At tilt 0 every Dice is 1 by construction (the simulator draws the U/S labels from the CT labels
+on the true plane); what matters is how fast each score falls off with the tilt. A score that
+barely changes over +-16 degrees cannot tell the registration which tilt is right, whatever
+network reads it.
+
+Usage::
+
+    .venv/bin/python benchmarks/tilt_observability.py runs/heldout_A/case_* runs/heldout_B/case_* \
+        [--step 8] [--tilts 4 8 16] [--no-mind] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from numpy.typing import NDArray
+from scipy.signal import fftconvolve
+
+from kidneyreg.geometry import resample_on_frames
+from kidneyreg.io.image import read_ct, read_mask
+from kidneyreg.io.transforms import read_transforms_json
+from kidneyreg.registration.mind import mind_descriptor
+from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue
+
+STRUCTURES: dict[str, tuple[int, ...]] = {
+    "kidney": tuple(int(t) for t in KIDNEY_TISSUES),
+    "sinus": (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING)),
+    "medulla": (int(Tissue.MEDULLA),),
+}
+# In-plane search radius for the outline shift, in pixels.
+_SHIFT_RADIUS = 8
+# Window of U/S frames and parallel CT planes MIND is computed on (the network's window).
+_WINDOW = 5
+
+
+def tilted(
+    pose: NDArray[np.float64],
+    centre_uv: NDArray[np.float64],
+    about_u: float,
+    about_v: float,
+    normal_offset: float = 0.0,
+) -> NDArray[np.float64]:
+    """``pose`` rotated in its own frame about the u then v axis through ``centre_uv`` (degrees),
+    optionally moved ``normal_offset`` mm along the frame normal."""
+    a, b = np.deg2rad(about_u), np.deg2rad(about_v)
+    rot_u = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rot_v = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rotation = np.eye(4)
+    rotation[:3, :3] = rot_v @ rot_u
+    to_centre, from_centre = np.eye(4), np.eye(4)
+    to_centre[:3, 3] = [centre_uv[0], centre_uv[1], 0.0]
+    from_centre[:3, 3] = [-centre_uv[0], -centre_uv[1], normal_offset]
+    return pose @ to_centre @ rotation @ from_centre
+
+
+def _best_shift(fixed: NDArray[np.bool_], moving: NDArray[np.bool_]) -> tuple[int, int]:
+    """Integer (row, column) shift of ``moving`` that overlaps ``fixed`` most."""
+    corr = fftconvolve(fixed.astype(np.float32), moving[::-1, ::-1].astype(np.float32), "same")
+    # With mode "same", zero shift sits at index n // 2 of each axis.
+    cy, cx = corr.shape[0] // 2, corr.shape[1] // 2
+    r = _SHIFT_RADIUS
+    window = corr[cy - r : cy + r + 1, cx - r : cx + r + 1]
+    row, col = np.unravel_index(int(window.argmax()), window.shape)
+    return int(row) - r, int(col) - r
+
+
+def _shift(image: NDArray[Any], shift: tuple[int, int]) -> NDArray[Any]:
+    return np.roll(image, shift, axis=(-2, -1))
+
+
+def _dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else float("nan")
+
+
+def _mind(slab: NDArray[np.float32]) -> NDArray[np.float32]:
+    """MIND of the middle of ``(5, rows, cols)`` parallel planes, ``(6, rows, cols)``."""
+    volume = torch.from_numpy(np.ascontiguousarray(slab.transpose(2, 1, 0)))[None, None]
+    descriptor = mind_descriptor(volume.float(), 1e-6, x_index=_WINDOW // 2)
+    return descriptor[0, :, :, :, 0].numpy().transpose(0, 2, 1)
+
+
+def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> dict[str, Any]:
+    """Scores per structure against the tilt magnitude (mean over +-u and +-v tilts)."""
+    labels = sitk.ReadImage(str(case / "labels.nii.gz"))
+    us_image = sitk.ReadImage(str(case / "us.nii.gz"))
+    pixel = tuple(float(s) for s in us_image.GetSpacing()[:2])
+    us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
+    us_bmode = sitk.GetArrayFromImage(us_image).astype(np.float32)
+    truth = read_transforms_json(case / "ground_truth.json").matrices
+    us_kidney = np.isin(us_labels, STRUCTURES["kidney"])
+    half = _WINDOW // 2
+    frames = [k for k in range(half, len(truth) - half, step) if us_kidney[k].sum() >= 50]
+    ct = read_ct(case / "ct.nii.gz") if with_mind else None
+    ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct) if ct is not None else None
+    shape = us_labels.shape[1:]
+    directions = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)]
+    scores: dict[str, dict[float, float]] = {name: {} for name in (*STRUCTURES, "mind")}
+    for magnitude in [0.0, *tilts]:
+        per_direction: dict[str, list[float]] = {name: [] for name in scores}
+        for du, dv in directions[:1] if magnitude == 0 else directions:
+            values: dict[str, list[float]] = {name: [] for name in scores}
+            for k in frames:
+                rows, cols = np.nonzero(us_kidney[k])
+                centre = np.array([cols.mean() * pixel[0], rows.mean() * pixel[1]])
+                pose = tilted(truth[k], centre, du * magnitude, dv * magnitude)
+                ct_labels = resample_on_frames(
+                    labels, pose[None], shape, pixel, interpolator="nearest"
+                )[0]
+                shift = _best_shift(us_kidney[k], np.isin(ct_labels, STRUCTURES["kidney"]))
+                ct_labels = _shift(ct_labels, shift)
+                for name, codes in STRUCTURES.items():
+                    values[name].append(
+                        _dice(np.isin(ct_labels, codes), np.isin(us_labels[k], codes))
+                    )
+                if ct is not None and ct_mask is not None:
+                    poses = np.stack(
+                        [
+                            tilted(
+                                truth[k],
+                                centre,
+                                du * magnitude,
+                                dv * magnitude,
+                                (i - half) * pixel[0],
+                            )
+                            for i in range(_WINDOW)
+                        ]
+                    )
+                    hu = resample_on_frames(ct, poses, shape, pixel)
+                    inside = resample_on_frames(
+                        ct_mask, poses[half : half + 1], shape, pixel, interpolator="nearest"
+                    )[0].astype(bool)
+                    hu = _shift(hu, shift) * _shift(inside, shift)[None]
+                    window = us_bmode[k - half : k + half + 1]
+                    difference = np.abs(_mind(window) - _mind(hu.astype(np.float32)))
+                    values["mind"].append(float(difference[:, us_kidney[k]].mean()))
+            for name in scores:
+                if values[name]:
+                    per_direction[name].append(float(np.nanmean(values[name])))
+        for name in scores:
+            if per_direction[name]:
+                scores[name][magnitude] = float(np.mean(per_direction[name]))
+    info = json.loads((case / "case.json").read_text(encoding="utf-8"))
+    return {
+        "case": str(case),
+        "group": info.get("group"),
+        "anatomy": info.get("anatomy_source"),
+        "frames": len(frames),
+        "scores": {name: s for name, s in scores.items() if s},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", type=Path, nargs="+")
+    parser.add_argument("--step", type=int, default=8, help="use every STEP-th frame")
+    parser.add_argument("--tilts", type=float, nargs="+", default=[4.0, 8.0, 16.0])
+    parser.add_argument("--no-mind", action="store_true", help="skip the MIND term (faster)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    magnitudes = [0.0, *args.tilts]
+    header = "| case | group | score | " + " | ".join(f"{m:g} deg" for m in magnitudes) + " |"
+    print(header)
+    print("|" + " --- |" * (3 + len(magnitudes)))
+    for case in args.cases:
+        row = case_scores(case, args.tilts, args.step, not args.no_mind)
+        rows.append(row)
+        for name, by_tilt in row["scores"].items():
+            cells = " | ".join(f"{by_tilt[m]:.3f}" for m in magnitudes)
+            print(f"| {case.name} | {row['group']} | {name} | {cells} |", flush=True)
+    names = list(rows[0]["scores"])
+    print("\nmean over cases:")
+    for name in names:
+        means = [np.mean([r["scores"][name][m] for r in rows]) for m in magnitudes]
+        print(f"| all ({len(rows)}) | | {name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The analysis helpers of ``benchmarks/`` whose numbers the documentation quotes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from kidneyreg.geometry import make_rigid, transform_points
+from kidneyreg.pipeline import RegistrationModel
+from kidneyreg.profiles import get_profile
+from kidneyreg.registration import RegistrationConfig, RegistrationNet
+from kidneyreg.simulate.case import simulate_case
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tilt() -> ModuleType:
+    return _load("tilt_observability")
+
+
+def test_tilt_keeps_the_centre_and_turns_the_normal(tilt: ModuleType) -> None:
+    rng = np.random.default_rng(0)
+    pose = make_rigid(Rotation.random(random_state=1).as_matrix(), rng.normal(size=3) * 50)
+    centre = np.array([30.0, 45.0])
+    moved = tilt.tilted(pose, centre, 10.0, 0.0)
+    point = np.array([[*centre, 0.0]])
+    np.testing.assert_allclose(transform_points(moved, point), transform_points(pose, point))
+    normal = pose[:3, 2]
+    angle = np.degrees(np.arccos(np.clip(moved[:3, 2] @ normal, -1, 1)))
+    assert angle == pytest.approx(10.0)
+    # A tilt about u keeps the u axis; one about v keeps the v axis.
+    np.testing.assert_allclose(moved[:3, 0], pose[:3, 0], atol=1e-12)
+    np.testing.assert_allclose(tilt.tilted(pose, centre, 0.0, 7.0)[:3, 1], pose[:3, 1], atol=1e-12)
+    # An offset along the normal moves the plane by that much.
+    shifted = tilt.tilted(pose, centre, 0.0, 0.0, 3.2)
+    np.testing.assert_allclose(shifted[:3, 3] - pose[:3, 3], 3.2 * normal, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(112, 144), (113, 145)])
+@pytest.mark.parametrize("shift", [(0, 0), (2, -3), (-5, 4)])
+def test_best_shift_recovers_a_roll(
+    tilt: ModuleType, shape: tuple[int, int], shift: tuple[int, int]
+) -> None:
+    fixed = np.zeros(shape, bool)
+    fixed[30:60, 40:90] = True
+    fixed[50:75, 60:70] = True
+    moving = np.roll(fixed, (-shift[0], -shift[1]), axis=(0, 1))
+    found = tilt._best_shift(fixed, moving)
+    assert found == shift
+    assert (tilt._shift(moving, found) == fixed).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    return simulate_case(root / "case", 4, frames=24, profile="tiny", preview=False)
+
+
+def test_outline_scores_fall_with_the_tilt(tilt: ModuleType, tiny_case: Path) -> None:
+    row = tilt.case_scores(tiny_case, [8.0, 16.0], step=6, with_mind=True)
+    assert row["frames"] > 0
+    kidney = row["scores"]["kidney"]
+    assert kidney[0.0] == pytest.approx(1.0, abs=0.02)  # U/S labels are the CT's on the true plane
+    assert kidney[0.0] > kidney[8.0] > kidney[16.0]
+    assert all(np.isfinite(v) for v in row["scores"]["mind"].values())
+
+
+def test_axis_errors_split_a_rotation_along_the_frame_axes() -> None:
+    heldout = _load("eval_heldout")
+    true = np.stack(
+        [make_rigid(Rotation.random(random_state=s).as_matrix(), [0, 0, 0]) for s in (2, 3)]
+    )
+    tilt_u = make_rigid(Rotation.from_rotvec([np.radians(12), 0, 0]).as_matrix(), [0, 0, 0])
+    in_plane = make_rigid(Rotation.from_rotvec([0, 0, np.radians(-5)]).as_matrix(), [0, 0, 0])
+    estimated = np.stack([true[0] @ tilt_u, true[1] @ in_plane])
+    errors = heldout.axis_errors_deg(estimated, true)
+    np.testing.assert_allclose(errors, [[12, 0, 0], [0, 0, 5]], atol=1e-9)
+
+
+@pytest.mark.parametrize("structures", [("kidney",), ("kidney", "sinus")])
+def test_one_pass_of_an_identity_model_scores_the_initial_alignment(
+    tiny_case: Path, structures: tuple[str, ...]
+) -> None:
+    windows = _load("eval_windows")
+    config = RegistrationConfig.from_profile("tiny", structures=structures)
+    net = RegistrationNet(config).eval()  # zero-initialised heads: every D is the identity
+    model = RegistrationModel(net, get_profile("tiny"), "<identity>")
+    result = windows.evaluate_model(model, [tiny_case], per_case=3)
+    assert result["windows"] == 3 and result["structures"] == list(structures)
+    for column in windows.COLUMNS:
+        assert result["model"][column] == pytest.approx(result["initial"][column], abs=1e-4)
+    assert result["initial"]["tre"] > 0.5
