@@ -22,6 +22,7 @@ from kidneyreg.features.ulbnet import CHECKPOINT_KIND, ULBNet, model_payload
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "totalsegmentator-example"
 FEATURE_TESTS = Path(__file__).resolve().parent / "features"
+ONE_THREAD_TESTS = (FEATURE_TESTS, Path(__file__).resolve().parent / "registration")
 
 InputErrorCheck = Callable[[Callable[[], object], "str | Path", str], InputError]
 
@@ -51,10 +52,10 @@ def expect_input_error() -> InputErrorCheck:
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread_in_feature_tests(request: pytest.FixtureRequest) -> Iterator[None]:
-    """One thread for the feature-network tests: their tiny networks gain nothing from more,
-    and the machine is shared."""
-    if FEATURE_TESTS not in Path(str(request.node.path)).resolve().parents:
+def _one_torch_thread_in_network_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One thread for the feature- and registration-network tests: their tiny networks gain
+    nothing from more, and on a shared 2-core machine a second thread waits on a busy core."""
+    if not set(ONE_THREAD_TESTS) & set(Path(str(request.node.path)).resolve().parents):
         yield
         return
     previous = torch.get_num_threads()

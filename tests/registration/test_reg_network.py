@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from kidneyreg.registration.network import RegistrationNet, parameter_counts, up
 from kidneyreg.registration.transformer import embed_window, grid_axis_mm
 
 TINY = RegistrationConfig.from_profile("tiny")  # 32 x 56 x 72, Nw = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small tensors on a shared 2-core machine: one thread avoids waiting on a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pair(config: RegistrationConfig, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
