@@ -9,9 +9,11 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from kidneyreg.geometry import make_rigid, transform_points
+from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.pipeline import RegistrationModel
 from kidneyreg.profiles import get_profile
 from kidneyreg.registration import RegistrationConfig, RegistrationNet
@@ -106,3 +108,35 @@ def test_one_pass_of_an_identity_model_scores_the_initial_alignment(
     for column in windows.COLUMNS:
         assert result["model"][column] == pytest.approx(result["initial"][column], abs=1e-4)
     assert result["initial"]["tre"] > 0.5
+
+
+@pytest.mark.parametrize("use_sinus", [False, True])
+def test_tilt_search_undoes_a_known_tilt_with_exact_maps(tiny_case: Path, use_sinus: bool) -> None:
+    search = _load("tilt_search")
+    labels = sitk.ReadImage(str(tiny_case / "labels.nii.gz"))
+    ct_mask = sitk.ReadImage(str(tiny_case / "ct_kidney_mask.nii.gz"))
+    us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us_labels.nii.gz")))
+    us_kidney = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_case / "us_kidney_mask.nii.gz")))
+    pixel = sitk.ReadImage(str(tiny_case / "us.nii.gz")).GetSpacing()[:2]
+    truth = read_transforms_json(tiny_case / "ground_truth.json").matrices
+    frames = [k for k in range(0, len(truth), 6) if us_kidney[k].sum() >= 20]
+    kidney = us_kidney[frames].astype(bool)
+    centres = np.array(
+        [[np.nonzero(m)[1].mean() * pixel[0], np.nonzero(m)[0].mean() * pixel[1]] for m in kidney]
+    )
+    start = np.stack(
+        [search.tilted(truth[k], c, 8.0, 0.0) for k, c in zip(frames, centres, strict=True)]
+    )
+    tilt, poses = search.search_tilt(
+        start,
+        centres,
+        kidney,
+        np.isin(us_labels[frames], search.SINUS_CODES),
+        ct_mask,
+        labels,
+        pixel,
+        np.arange(-12.0, 12.1, 4.0),
+        use_sinus=use_sinus,
+    )
+    assert tilt == (-8.0, 0.0)
+    np.testing.assert_allclose(poses, truth[frames], atol=1e-6)
