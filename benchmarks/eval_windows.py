@@ -18,30 +18,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from eval_heldout import axis_errors_deg  # a sibling script: benchmarks/ is on sys.path
 
 from kidneyreg.evaluation.evaluate import evaluate_frames
 from kidneyreg.pipeline import RegistrationModel, load_registration_model
 from kidneyreg.registration.pairs import ValidationWindows, load_case
-
-
-def _axis_errors() -> Any:
-    # benchmarks/ is not a package: load the sibling script's helper by path.
-    path = Path(__file__).with_name("eval_heldout.py")
-    spec = importlib.util.spec_from_file_location("_eval_heldout", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.axis_errors_deg
-
 
 COLUMNS = ("tre", "mcd_ctct", "tilt_u_deg", "tilt_v_deg", "inplane_deg")
 
@@ -56,7 +43,6 @@ def evaluate_model(
 
     ``cache`` keeps loaded cases between calls (keyed by profile and structures).
     """
-    axis_errors_deg = _axis_errors()
     net = model.net.eval()
     key = (model.profile, net.config.structures)
     cache = {} if cache is None else cache

@@ -26,15 +26,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import tilt_observability  # a sibling script: benchmarks/ is on sys.path
 import torch
 from numpy.typing import NDArray
 from scipy.signal import fftconvolve
@@ -46,20 +45,8 @@ from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model, persistent_region
 
-
-def _sibling(name: str) -> Any:
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_observability = _sibling("tilt_observability")
-tilted = _observability.tilted
-SINUS_CODES: tuple[int, ...] = _observability.STRUCTURES["sinus"]
+tilted = tilt_observability.tilted
+SINUS_CODES: tuple[int, ...] = tilt_observability.STRUCTURES["sinus"]
 # In-plane search radius (pixels) of the common shift.
 SHIFT_RADIUS = 8
 
