@@ -255,3 +255,36 @@ def test_parameters_are_json_and_in_range() -> None:
 def test_bad_spacing_is_rejected() -> None:
     with pytest.raises(ValueError, match="spacing"):
         generate_anatomy(0, spacing=0.0)
+
+
+def test_gallbladder_varies_and_lies_in_front_of_the_right_kidney() -> None:
+    params = [sample_anatomy_parameters(np.random.default_rng(seed)) for seed in range(40)]
+    present = [p for p in params if p.gallbladder is not None]
+    assert 0.75 * len(params) <= len(present) < len(params)  # some patients have none
+    offsets = np.array([p.gallbladder for p in present])
+    assert np.ptp(offsets[:, 0]) > 25.0 and np.ptp(offsets[:, 1]) > 15.0
+    assert np.all(offsets[:, 1] < -50.0)  # anterior to the kidney
+    assert np.ptp([p.gallbladder_scale for p in present]) > 0.3
+    assert any(p.liver_cysts for p in params) and not all(p.liver_cysts for p in params)
+    # Painted: a fluid body in front of the right kidney, below the liver's dome, within the
+    # sampled offsets of the kidney's centre.
+    seed = next(i for i, p in enumerate(params) if p.gallbladder is not None)
+    anatomy = generate_anatomy(seed, spacing=SPACING)
+    labels = _arrays(anatomy)[0]
+    fluid = _world_points(anatomy.labels, labels == Tissue.FLUID)
+    centre = np.asarray(params[seed].kidneys["right"].centre)
+    near = fluid[np.linalg.norm(fluid[:, :2] - (centre[:2] + offsets[0, :2]), axis=1) < 30.0]
+    assert len(near) * SPACING**3 > 3000.0  # at least 3 ml
+    assert abs(near[:, 0].mean() - centre[0] - offsets[0, 0]) < 10.0
+
+
+def test_fluid_structures_leave_the_other_draws_of_a_seed_unchanged() -> None:
+    # They come from a generator of their own, so a seed's other parameters are those it had
+    # before they existed (values recorded from that version of the sampler).
+    rng = np.random.default_rng(3)
+    params = sample_anatomy_parameters(rng)
+    assert params.noise_seed == 538513314
+    assert params.body_width == pytest.approx(306.85193337148996)
+    np.testing.assert_allclose(
+        params.kidneys["right"].centre, (-75.74861557769, 11.916866975644943, -34.825211126518354)
+    )

@@ -12,19 +12,20 @@ direction, isotropic spacing. World (0, 0, 0) is the centre of the L1 vertebral 
 vertebral levels' z positions are kept in ``Anatomy.metadata["vertebra_z"]``.
 
 Anatomy (numbers are the sampled ranges): an elliptic body 30-38 cm wide and 20-28 cm deep with a
-flatter back; subcutaneous fat; abdominal wall muscles; erector spinae and quadratus lumborum
-behind the kidneys; psoas beside the spine, growing caudally; vertebral bodies, discs and
-posterior elements along a lordotic, slightly scoliotic spine; posterior ribs T7-T12 (T11 and T12
-behind the upper poles); iliac crests low in the field of view; lung bases in the posterior
-costophrenic recesses above a two-domed diaphragm; liver with a right lobe tip reaching down
-antero-lateral to the right kidney; spleen posterolateral on the left; stomach with an anterior
-gas cap; pancreas, duodenum, colon and small bowel loops with gas; aorta, IVC, iliac vessels,
-renal arteries and veins (the left renal vein crossing in front of the aorta); adrenals;
-perirenal fat; and the kidneys: a bean (ellipsoid bent towards the hilum, with a hilar notch and
-low-frequency shape noise) 10-12 cm long, 5.3-6.3 cm wide and 3.3-4.3 cm thick, upper pole near
-T12, lower pole near L3, the right one 1-2 cm lower, the long axis tilted 10-20 degrees medially
-and posteriorly at the upper pole, the hilum turned 20-40 degrees anteriorly; inside, a 6-9 mm
-cortex, 8-12 medullary pyramids pointing at the sinus with columns of Bertin between them, renal
+flatter back; subcutaneous fat; abdominal wall muscles; erector spinae and quadratus lumborum behind
+the kidneys; psoas beside the spine, growing caudally; vertebral bodies, discs and posterior
+elements along a lordotic, slightly scoliotic spine; posterior ribs T7-T12 (T11 and T12 behind the
+upper poles); iliac crests low in the field of view; lung bases in the posterior costophrenic
+recesses above a two-domed diaphragm; liver with a right lobe tip reaching down antero-lateral to
+the right kidney; a gallbladder of varied size, tilt and place in front of the right kidney (absent
+in 10 % of patients) and, in 30 %, simple hepatic cysts; spleen posterolateral on the left; stomach
+with an anterior gas cap; pancreas, duodenum, colon and small bowel loops with gas; aorta, IVC,
+iliac vessels, renal arteries and veins (the left renal vein crossing in front of the aorta);
+adrenals; perirenal fat; and the kidneys: a bean (ellipsoid bent towards the hilum, with a hilar
+notch and low-frequency shape noise) 10-12 cm long, 5.3-6.3 cm wide and 3.3-4.3 cm thick, upper pole
+near T12, lower pole near L3, the right one 1-2 cm lower, the long axis tilted 10-20 degrees
+medially and posteriorly at the upper pole, the hilum turned 20-40 degrees anteriorly; inside, a 6-9
+mm cortex, 8-12 medullary pyramids pointing at the sinus with columns of Bertin between them, renal
 sinus fat, and a collecting system (pelvis, major and minor calyces).
 """
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -302,6 +303,14 @@ class AnatomyParameters:
         aorta_mm, ivc_mm: Radii of the great vessels.
         kidneys: Per-side :class:`KidneyParameters`.
         noise_seed: Seed of all shape noise fields.
+        gallbladder: Centre of the gallbladder relative to the right kidney's centre (its height
+            is set by the liver's inferior surface, this z is an extra offset), or ``None``
+            after a cholecystectomy.
+        gallbladder_scale: Scale of the gallbladder's 14 x 16 x 30 mm semi-axes.
+        gallbladder_axis: Direction of its long axis, from the fundus (in front, below) to the
+            neck (behind, above).
+        liver_cysts: Simple hepatic cysts as (dx, dy, dz, radius) relative to the right kidney's
+            centre; painted only where they fall inside the liver.
     """
 
     body_width: float
@@ -330,6 +339,10 @@ class AnatomyParameters:
     ivc_mm: float
     kidneys: dict[str, KidneyParameters]
     noise_seed: int
+    gallbladder: tuple[float, float, float] | None = None
+    gallbladder_scale: float = 1.0
+    gallbladder_axis: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    liver_cysts: tuple[tuple[float, float, float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy.
@@ -406,7 +419,7 @@ def sample_anatomy_parameters(rng: np.random.Generator) -> AnatomyParameters:
             perirenal_mm=u(7.0, 20.0),
             noise_seed=int(rng.integers(0, 2**31 - 1)),
         )
-    return AnatomyParameters(
+    params = AnatomyParameters(
         body_width=body_width,
         body_depth=body_depth,
         back_y=back_y,
@@ -434,6 +447,45 @@ def sample_anatomy_parameters(rng: np.random.Generator) -> AnatomyParameters:
         kidneys=kidneys,
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
+    fluid = _sample_fluid_structures(np.random.default_rng([params.noise_seed, 16]))
+    return replace(params, **fluid)
+
+
+def _sample_fluid_structures(rng: np.random.Generator) -> dict[str, Any]:
+    """The gallbladder's variable place, size and orientation, and simple hepatic cysts.
+
+    They come from their own generator (seeded from the patient's noise seed), so that adding
+    them left every other draw of a seed, and with it every earlier patient, unchanged. Both are
+    anechoic ovals near the right kidney that a U/S kidney detector must learn to reject. The
+    gallbladder often lies in the right kidney's sagittal plane, 5.5-8.5 cm in front of it (here
+    from 2.5 cm lateral to 2 cm medial of its centre; in the shared real CT 5 mm medial and 79 mm
+    anterior); simple hepatic cysts are common incidental findings.
+    """
+    present = bool(rng.random() < 0.9)  # the rest: after a cholecystectomy
+    offset = (
+        float(rng.uniform(-25.0, 20.0)),
+        -float(rng.uniform(55.0, 85.0)),
+        float(rng.uniform(-10.0, 15.0)),
+    )
+    scale = float(rng.uniform(0.65, 1.25))
+    axis = np.array([rng.uniform(-0.3, 0.3), rng.uniform(0.0, 1.5), 1.0])
+    axis /= np.linalg.norm(axis)
+    n_cysts = int(rng.choice(4, p=[0.7, 0.18, 0.08, 0.04]))
+    cysts = tuple(
+        (
+            float(rng.uniform(-30.0, 30.0)),
+            -float(rng.uniform(15.0, 90.0)),
+            float(rng.uniform(-10.0, 80.0)),
+            float(rng.uniform(4.0, 14.0)),
+        )
+        for _ in range(n_cysts)
+    )
+    return {
+        "gallbladder": offset if present else None,
+        "gallbladder_scale": scale,
+        "gallbladder_axis": tuple(float(v) for v in axis),
+        "liver_cysts": cysts,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1075,13 +1127,25 @@ def _paint_liver(canvas: _Canvas, dia: _Diaphragm, p: AnatomyParameters) -> None
     wobble = 8.0 * noise(box.x, box.y, box.z)
     liver = (box.z < zd) & (box.z > bottom + wobble) & (box.x < left_edge + wobble)
     canvas.paint(box, liver, Tissue.LIVER, 1, _allow_only(Tissue.FAT))
-    # Gallbladder: fluid pear under the inferior surface of the liver.
-    gb = np.array([-50.0, -55.0, z_tip + 40.0])
-    gb[2] = float(z_tip + 0.55 * max(gb[0] - x_tip, 0.0) + 0.010 * (gb[1] - y_tip) ** 2) + 15.0
-    axes = np.eye(3)
-    _paint_ellipsoid(
-        canvas, gb, axes, (14.0, 16.0, 30.0), Tissue.FLUID, 1, _allow_only(Tissue.LIVER, Tissue.FAT)
-    )
+    centre = np.asarray(rk.centre, float)
+    if p.gallbladder is not None:
+        # Gallbladder: a fluid pear in its fossa under the liver's inferior surface.
+        gb = centre + np.asarray(p.gallbladder, float)
+        surface = z_tip + 0.55 * max(gb[0] - x_tip, 0.0) + 0.010 * (gb[1] - y_tip) ** 2
+        gb[2] = min(float(surface) + 15.0 + p.gallbladder[2], float(dia.z(gb[0], gb[1])) - 20.0)
+        long_axis = np.asarray(p.gallbladder_axis, float)
+        side = np.cross(long_axis, [1.0, 0.0, 0.0])
+        side /= np.linalg.norm(side)
+        axes = np.stack([np.cross(side, long_axis), side, long_axis], axis=1)
+        radii = p.gallbladder_scale * np.array([14.0, 16.0, 30.0])
+        _paint_ellipsoid(
+            canvas, gb, axes, radii, Tissue.FLUID, 1, _allow_only(Tissue.LIVER, Tissue.FAT)
+        )
+    for dx, dy, dz, radius in p.liver_cysts:
+        cyst = centre + np.array([dx, dy, dz])
+        _paint_ellipsoid(
+            canvas, cyst, np.eye(3), (radius,) * 3, Tissue.FLUID, 1, _allow_only(Tissue.LIVER)
+        )
 
 
 def _paint_spleen_stomach(canvas: _Canvas, body: _Body, p: AnatomyParameters) -> None:
