@@ -849,14 +849,15 @@ _BENCHMARK_HELP = "\n\n".join(
         "group B, two breathing cycles each), 2 epochs of 1000 pairs, 3 Appendix H repeats, the "
         "paper's adaptation epochs. With every table each fold runs 6 + repeats pretrainings of "
         "epochs x pairs / batch-size steps, about 1 s each on one shared CPU core at the cpu "
-        "profile (about 15 min per pretraining, measured), then registers each held-out case "
-        "with 13 adapted variants: about 3 core-hours per fold, 15 for all tables (--tables "
-        "table2,table3,table4,appF needs 4 pretrainings per fold). --only-fold splits the folds "
-        "over processes, which may start together (file locks: one simulates the cohort while "
-        "the others wait; a fold another process is running is waited for); a fold whose "
-        "cases are all registered is kept as small JSON files "
-        "(results/, trainings/) in the work folder. --device cuda runs the same steps on a GPU "
-        "(not timed here: no GPU was available).",
+        "profile (6-35 min per pretraining, measured), then registers each held-out case "
+        "with 13 adapted variants (17-36 min per case): 5.6 core-hours for fold 0, about 28 for "
+        "all tables (--tables table2,table3,table4,appF needs 4 pretrainings per fold). Several "
+        "processes may run the same command at once, one per core: they share each fold by "
+        "pretraining and by held-out case (file locks: one simulates the cohort while the "
+        "others wait; each skips what another is doing and waits for it at the end of the "
+        "fold); --only-fold limits a process to some folds. A fold whose cases are all "
+        "registered is kept as small JSON files (results/, trainings/) in the work folder. "
+        "--device cuda runs the same steps on a GPU (not timed here: no GPU was available).",
         "--quick: a tiny cohort and network for CI (about a minute); a structure check, not a "
         "result.",
     ]

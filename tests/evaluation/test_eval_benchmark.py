@@ -405,3 +405,66 @@ def test_work_folder_in_use_by_a_run_with_other_settings_is_not_emptied(tmp_path
     said: list[str] = []
     assert _work_folder(tmp_path / "out", {"settings": "new"}, said.append) == work
     assert not kept.exists() and said == [f"emptying {work}: it holds a run with other settings"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LOCKING_AVAILABLE, reason="no flock on this platform")
+def test_processes_sharing_a_fold_split_its_pretrainings_and_cases(tmp_path: Path) -> None:
+    # Two runs of the same fold at once (threads stand in for processes: the locks conflict
+    # between open files) each take the pretrainings and cases the other has not taken.
+    out = tmp_path / "bench"
+    logs: list[list[str]] = [[], []]
+    failures: list[BaseException] = []
+
+    def run(log: list[str]) -> None:
+        try:
+            run_benchmark(
+                None,
+                out,
+                quick=True,
+                tables=["table2"],
+                only_folds=[0],
+                device="cpu",
+                log=log.append,
+            )
+        except BaseException as error:  # reported in the test thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(log,)) for log in logs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    said = [message for log in logs for message in log]
+    trained = sorted(m.split()[3] for m in said if ": pretraining " in m)
+    assert trained == ["full", "no-decoder", "no-hierarchical", "no-mind"]  # each once
+    registered = [m.split()[3] for m in said if ": registering " in m]
+    fold_0 = tmp_path / ".bench.benchmark-work" / "fold_0"
+    assert sorted(registered) == sorted(p.stem for p in (fold_0 / "results").glob("*.json"))
+    assert len(set(registered)) == len(registered) == 2
+
+
+@pytest.mark.skipif(not LOCKING_AVAILABLE, reason="no flock on this platform")
+def test_an_item_another_process_holds_is_skipped_then_waited_for(tmp_path: Path) -> None:
+    from kidneyreg.evaluation.benchmark import _claimed_in_turn
+
+    other = FileLock(tmp_path / "b.lock")  # another process works on "b"
+    other.acquire()
+    done: list[str] = []
+    said: list[str] = []
+
+    def work(item: str) -> None:
+        done.append(item)
+        if item == "c":  # the other process finishes "b" while this one works on "c"
+            threading.Timer(0.5, other.release).start()
+
+    _claimed_in_turn(
+        ["a", "b", "c"],
+        lambda item: tmp_path / f"{item}.lock",
+        work,
+        lambda item: f"{item}, which another process holds",
+        said.append,
+    )
+    assert done == ["a", "c", "b"]
+    assert said == ["waiting for b, which another process holds"]

@@ -35,7 +35,10 @@ error against breathing phase) and ``config.json`` (settings, seeds, fold assign
 runtime, versions). The run works in a sibling folder ``.<out>.benchmark-work`` (the simulated
 cohort, checkpoints, per-case results): a run that stops can be started again with the same
 settings and continues where it was; the work folder is deleted after a successful run unless
-``keep_work``. ``out_dir`` itself is replaced only at the end of a successful run.
+``keep_work``. ``out_dir`` itself is replaced only at the end of a successful run. Several
+processes may run at once on one work folder (one per core or machine): they share the work by
+pretraining and by held-out case (file locks, :mod:`kidneyreg.io.lock`), each skipping what another
+is doing and waiting for it at the end of the fold.
 
 Baseline results (``baselines``): CSV files with one row per frame and the columns ``method``
 (e.g. ``VoxelMorph``), ``learning`` (``one-step`` or ``two-step``), ``case``, ``frame`` and any of
@@ -59,7 +62,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -142,6 +145,8 @@ _MIN_TEST_SHARE = 0.25
 _WORK_SUFFIX = ".benchmark-work"
 # Held (shared) inside the work folder by every process using it, for its whole run.
 _USE_LOCK = ".in-use.lock"
+# One unit of a fold's work (a pretraining or a held-out case) that processes share.
+_Item = TypeVar("_Item")
 _CASE_FILES = (
     "ct.nii.gz",
     "ct_kidney_mask.nii.gz",
@@ -1478,6 +1483,37 @@ def _pretrain_one(
     return model, record
 
 
+def _claimed_in_turn(
+    items: Sequence[_Item],
+    lock_path: Callable[[_Item], Path],
+    work: Callable[[_Item], None],
+    waiting_text: Callable[[_Item], str],
+    say: Callable[[str], None],
+) -> None:
+    """Call ``work`` on every item, each under its own lock, so that processes share the items.
+
+    A first pass takes the items no other process holds; a second waits for the rest, whose work
+    then finds what the other process wrote (``work`` reuses finished files).
+    """
+    left: list[_Item] = []
+    for item in items:
+        lock = FileLock(lock_path(item))
+        if not lock.acquire(blocking=False):
+            left.append(item)
+            continue
+        try:
+            work(item)
+        finally:
+            lock.release()
+    for item in left:
+        lock = FileLock(lock_path(item))
+        _acquire(lock, waiting_text(item), say)
+        try:
+            work(item)
+        finally:
+            lock.release()
+
+
 def _run_fold(
     fold: int,
     cases_list: Sequence[CaseRecord],
@@ -1492,48 +1528,80 @@ def _run_fold(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Pretrain one fold and register its held-out cases, reusing what the work folder holds.
 
+    Processes that share the work folder share the fold too: each pretraining and each held-out
+    case is done by the first process that takes its lock; the others go on to the next one and
+    at the end wait for, then reuse, what they skipped.
+
     Returns:
-        The fold's per-frame rows, per-case descriptions and training records.
+        The fold's per-frame rows, per-case descriptions and training records (in plan order).
     """
+    from kidneyreg.pipeline import load_registration_model
+
     train_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f != fold]
     test_cases = [c for c, f in zip(cases_list, fold_of, strict=True) if f == fold]
     caches = {c.case_id: fold_dir / "results" / f"{c.case_id}.json" for c in test_cases}
     records = {t.name: fold_dir / "trainings" / f"{t.name}.json" for t in trainings}
-    frames_rows: list[dict[str, Any]] = []
-    case_runs: list[dict[str, Any]] = []
-    training_runs: list[dict[str, Any]] = []
+    runs: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
     if all(p.is_file() for p in (*caches.values(), *records.values())):
         # Every held-out case of this fold is scored: its results and training records are all
         # that is needed (a fold's folder can be carried to another machine or session without
         # its checkpoints).
-        training_runs.extend(_read_json(p) for p in records.values())
+        runs = {name: _read_json(path) for name, path in records.items()}
     else:
-        for number, spec in enumerate(trainings, start=1):
+        number = {t.name: n for n, t in enumerate(trainings, start=1)}
+
+        def pretrain_one(spec: TrainingSpec) -> None:
+            checkpoint = fold_dir / f"{spec.name}.pt"
+            if records[spec.name].is_file() and checkpoint.is_file():
+                # Finished, here or by another process: reuse it as it is.
+                runs[spec.name] = _read_json(records[spec.name])
+                models[spec.name] = load_registration_model(checkpoint, device="cpu")
+                return
             say(
-                f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number}/"
+                f"fold {fold + 1}/{settings.folds}: pretraining {spec.name} ({number[spec.name]}/"
                 f"{len(trainings)})"
             )
-            models[spec.name], run = _pretrain_one(
+            models[spec.name], runs[spec.name] = _pretrain_one(
                 spec, fold, train_cases, fold_dir, settings, device, progress, say
             )
-            atomic_write_text(records[spec.name], json.dumps(json_ready(run)) + "\n")
-            training_runs.append(run)
-    for case in test_cases:
+            atomic_write_text(records[spec.name], json.dumps(json_ready(runs[spec.name])) + "\n")
+
+        _claimed_in_turn(
+            trainings,
+            lambda spec: fold_dir / f".{spec.name}.lock",
+            pretrain_one,
+            lambda spec: (
+                f"pretraining {spec.name} of fold {fold}, which another benchmark "
+                "process is running"
+            ),
+            say,
+        )
+    stored: dict[str, dict[str, Any]] = {}
+
+    def register_one(case: CaseRecord) -> None:
         cache = caches[case.case_id]
-        if cache.is_file():
-            stored = _read_json(cache)
-            rows, description = stored["rows"], stored["description"]
-        else:
+        if not cache.is_file():
             say(
                 f"fold {fold + 1}/{settings.folds}: registering {case.case_id} "
                 f"({len(methods)} methods)"
             )
             rows, description = _register_case(case, fold, models, methods, settings, device)
             atomic_write_text(cache, json.dumps({"rows": rows, "description": description}) + "\n")
-        frames_rows.extend(rows)
-        case_runs.append(description)
-    return frames_rows, case_runs, training_runs
+        stored[case.case_id] = _read_json(cache)
+
+    _claimed_in_turn(
+        test_cases,
+        lambda case: fold_dir / f".{case.case_id}.lock",
+        register_one,
+        lambda case: (
+            f"{case.case_id} of fold {fold}, which another benchmark process is registering"
+        ),
+        say,
+    )
+    frames_rows = [row for c in test_cases for row in stored[c.case_id]["rows"]]
+    case_runs = [stored[c.case_id]["description"] for c in test_cases]
+    return frames_rows, case_runs, [runs[t.name] for t in trainings]
 
 
 def run_benchmark(
@@ -1695,25 +1763,18 @@ def run_benchmark(
         for fold in selected:
             fold_dir = work / f"fold_{fold}"
             fold_dir.mkdir(exist_ok=True)
-            # Two processes given the same fold would train and register it twice, racing on its
-            # files: the second waits and then reuses what the first wrote.
-            fold_lock = FileLock(fold_dir / ".lock")
-            _acquire(fold_lock, f"fold {fold}, which another benchmark process is running", say)
-            try:
-                rows, descriptions, records = _run_fold(
-                    fold,
-                    cases_list,
-                    fold_of,
-                    fold_dir,
-                    trainings,
-                    methods,
-                    settings,
-                    device,
-                    progress,
-                    say,
-                )
-            finally:
-                fold_lock.release()
+            rows, descriptions, records = _run_fold(
+                fold,
+                cases_list,
+                fold_of,
+                fold_dir,
+                trainings,
+                methods,
+                settings,
+                device,
+                progress,
+                say,
+            )
             frames_rows.extend(rows)
             case_runs.extend(descriptions)
             training_runs.extend(records)

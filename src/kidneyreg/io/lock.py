@@ -1,8 +1,9 @@
 """Advisory file locks, so that processes sharing a work folder do not undo each other's work.
 
-Several processes may share one benchmark work folder (one per core or machine, each running some
-folds). The locks here keep them apart where they would collide: simulating the same cohort at
-once, running the same fold twice, or emptying a folder another process is still using. They are
+Several processes may share one benchmark work folder (one per core or machine, sharing its
+pretrainings and held-out cases). The locks here keep them apart where they would collide:
+simulating the same cohort at once, running the same pretraining or registering the same case
+twice, or emptying a folder another process is still using. They are
 advisory ``flock`` locks (POSIX): held on an open file, released when it is closed or the process
 dies, so a killed process never leaves a stale lock behind. On platforms without ``fcntl``
 (Windows) they do nothing, and the processes must be started as the documentation describes.
