@@ -181,3 +181,5 @@ def test_train_features_command(tmp_path: Path) -> None:
     assert bad.exit_code != 0
     bad = runner.invoke(app, [*args, *options, "--patch-scale", "0.5"])
     assert bad.exit_code != 0 and "--patch-scale" in str(bad.exception or bad.output)
+    bad = runner.invoke(app, [*args, *options, "--acoustic-bands"])  # a U/S augmentation
+    assert bad.exit_code != 0 and "--acoustic-bands" in str(bad.exception or bad.output)

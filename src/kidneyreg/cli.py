@@ -212,6 +212,14 @@ def train_features(
             "between 1x and this (1: fixed patches, as the paper).",
         ),
     ] = 1.0,
+    acoustic_bands: Annotated[
+        bool,
+        typer.Option(
+            "--acoustic-bands",
+            help="U/S only: also darken or brighten random bands along the beam (acoustic "
+            "shadows, posterior enhancement).",
+        ),
+    ] = False,
 ) -> None:
     """Train the CT or U/S kidney feature network (ULBNet) on case folders."""
     from kidneyreg.features.train import default_train_settings, export_model, train_from_folder
@@ -227,6 +235,8 @@ def train_features(
         raise InputError("--window", "is a positive frame count, for --modality us only")
     if lr is not None and not 0 < lr < 1:
         raise InputError("--lr", f"must be a learning rate in (0, 1), got {lr}")
+    if acoustic_bands and modality != "us":
+        raise InputError("--acoustic-bands", "is a U/S augmentation, for --modality us only")
     from kidneyreg.features.ulbnet import MAX_INFERENCE_SCALE
 
     if not 1.0 <= patch_scale <= MAX_INFERENCE_SCALE:
@@ -242,6 +252,7 @@ def train_features(
         seed=seed,
         tissue_contrast=tissue_contrast,
         patch_scale=patch_scale,
+        acoustic_bands=acoustic_bands,
     )
     result = train_from_folder(
         modality,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from kidneyreg.features.augment import (
+    AcousticBand,
     IntensityParams,
+    RandomAcousticBands,
     RandomBlur,
     RandomCurve,
     RandomIntensity,
@@ -14,6 +19,7 @@ from kidneyreg.features.augment import (
     RandomTissueContrast,
     RandomTissueGain,
     SpatialParams,
+    apply_acoustic_bands,
     apply_blur,
     apply_curve,
     apply_intensity,
@@ -209,3 +215,68 @@ def test_random_tissue_gain_is_reproducible_and_moves_the_kidney_as_one() -> Non
     assert RandomTissueGain(probability=0.0).sample(torch.Generator().manual_seed(1)) is None
     with pytest.raises(ValueError):
         RandomTissueGain(kidney_log_std=-1.0)
+
+
+def test_acoustic_band_changes_the_column_below_its_start_in_every_frame() -> None:
+    image = torch.full((1, 3, 21, 11), 0.4)
+    image[:, 1] = 0.2  # frames differ; each gets the same band
+    shadow = AcousticBand(centre=0.5, half_width=0.2, start=0.5, log_gain=-0.5, softness=1e-3)
+    out = apply_acoustic_bands(image, (shadow,))
+    gain = out / image
+    assert torch.allclose(gain[..., :10, :], torch.ones(1))  # above the start: unchanged
+    # Columns 0.4-0.6 lie inside, 0.3 and 0.7 on the edges (half the log gain).
+    assert torch.allclose(gain[..., 11:, 4:7], torch.full((1,), 0.6065), atol=1e-4)
+    assert torch.allclose(gain[..., 11:, 3], torch.full((1,), 0.7788), atol=1e-4)
+    assert torch.allclose(gain[..., :, :3], torch.ones(1)) and torch.allclose(
+        gain[..., :, 8:], torch.ones(1)
+    )  # beside the band: unchanged
+    assert torch.equal(gain[:, 0], gain[:, 1])
+    # Enhancement of a bright image saturates at 1, the top of normalised U/S.
+    enhancement = AcousticBand(0.5, 0.5, 0.0, 1.0)
+    bright = apply_acoustic_bands(torch.full((1, 1, 5, 5), 0.9), (enhancement,))
+    assert float(bright.max()) == 1.0
+    assert torch.equal(apply_acoustic_bands(image, ()), image)
+
+
+def test_acoustic_band_tilt_follows_the_beam() -> None:
+    image = torch.full((1, 1, 41, 41), 0.5)
+    band = AcousticBand(centre=0.3, half_width=0.05, start=0.0, log_gain=-1.0, tilt=0.4)
+    out = apply_acoustic_bands(image, (band,))[0, 0]
+    darkest = out.argmin(dim=1).float() / 40  # the band's axis in each row
+    assert abs(float(darkest[0]) - 0.3) < 0.03 and abs(float(darkest[-1]) - 0.7) < 0.03
+
+
+def test_acoustic_band_errors() -> None:
+    with pytest.raises(ValueError, match=r"\(C, D, H, W\)"):
+        apply_acoustic_bands(torch.zeros(4, 4), (AcousticBand(0.5, 0.1, 0.0, 0.5),))
+    with pytest.raises(ValueError, match="half_width and softness must be positive"):
+        apply_acoustic_bands(torch.zeros(1, 1, 4, 4), (AcousticBand(0.5, 0.0, 0.0, 0.5),))
+    with pytest.raises(ValueError, match="probability"):
+        RandomAcousticBands(probability=1.5)
+
+
+def test_random_acoustic_bands_are_reproducible_and_use_fixed_draws() -> None:
+    sampler = RandomAcousticBands(probability=1.0, max_bands=3)
+    first = sampler.sample(torch.Generator().manual_seed(3))
+    assert first == sampler.sample(torch.Generator().manual_seed(3))
+    assert 1 <= len(first) <= 3
+    for band in first:
+        assert 0.25 <= math.exp(band.log_gain) <= 2.5 and 0.05 <= band.half_width <= 0.25
+    # Applied or not, a sample consumes the same draws, so later samplers are unaffected.
+    on, off = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert RandomAcousticBands(probability=0.0).sample(off) == ()
+    RandomAcousticBands(probability=1.0).sample(on)
+    assert torch.equal(on.get_state(), off.get_state())
+    counts = {len(sampler.sample(torch.Generator().manual_seed(s))) for s in range(40)}
+    assert counts == {1, 2, 3}
+
+
+def test_augmentation_with_bands_keeps_the_mask() -> None:
+    augmentation = dataclasses.replace(
+        default_augmentation("us"), bands=RandomAcousticBands(probability=1.0)
+    )
+    image, mask = torch.rand(1, 5, 24, 24), (torch.rand(1, 5, 24, 24) > 0.5).float()
+    plain = default_augmentation("us")(image, mask, torch.Generator().manual_seed(0))
+    banded = augmentation(image, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(plain[1], banded[1])  # bands change the image only
+    assert not torch.equal(plain[0], banded[0])

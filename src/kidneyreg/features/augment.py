@@ -2,9 +2,10 @@
 
 Each augmentation is a *random* class that only samples parameters from a ``torch.Generator``
 (:class:`RandomIntensity`, :class:`RandomCurve`, :class:`RandomBlur`, :class:`RandomSpatial`,
-:class:`RandomTissueContrast`, :class:`RandomTissueGain`) and a *deterministic* function that
-applies given parameters (:func:`apply_intensity`, :func:`apply_curve`, :func:`apply_blur`,
-:func:`apply_spatial`, :func:`apply_tissue_contrast`, :func:`apply_tissue_gain`). Training stays
+:class:`RandomTissueContrast`, :class:`RandomTissueGain`, :class:`RandomAcousticBands`) and a
+*deterministic* function that applies given parameters (:func:`apply_intensity`,
+:func:`apply_curve`, :func:`apply_blur`, :func:`apply_spatial`, :func:`apply_tissue_contrast`,
+:func:`apply_tissue_gain`, :func:`apply_acoustic_bands`). Training stays
 reproducible and resumable (the generator's state is checkpointed), and every transform can be
 tested alone.
 
@@ -28,8 +29,10 @@ from kidneyreg.simulate.tissues import Tissue
 __all__ = [
     "TISSUE_LOG_GAIN_STD",
     "TISSUE_OFFSET_STD_HU",
+    "AcousticBand",
     "Augmentation",
     "IntensityParams",
+    "RandomAcousticBands",
     "RandomBlur",
     "RandomCurve",
     "RandomIntensity",
@@ -37,6 +40,7 @@ __all__ = [
     "RandomTissueContrast",
     "RandomTissueGain",
     "SpatialParams",
+    "apply_acoustic_bands",
     "apply_blur",
     "apply_curve",
     "apply_intensity",
@@ -515,6 +519,121 @@ class RandomTissueGain:
 
 
 # ----------------------------------------------------------------------------------------------
+# Acoustic bands (U/S): shadowing and enhancement along the beam
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcousticBand:
+    """One band of :func:`apply_acoustic_bands`; positions are fractions of the patch.
+
+    Attributes:
+        centre: Lateral position of the band's axis at ``start`` (0 = first column, 1 = last).
+        half_width: Half the band's width.
+        start: Depth where the band begins (0 = top row, nearest the probe).
+        log_gain: Natural log of the gain inside the band (< 0 shadow, > 0 enhancement).
+        tilt: Lateral drift of the axis per unit of depth (the beam is not vertical in a patch
+            away from the fan's centre line), e.g. ``tan(10 deg)``.
+        softness: Width of the band's edges (lateral and at its start).
+    """
+
+    centre: float
+    half_width: float
+    start: float
+    log_gain: float
+    tilt: float = 0.0
+    softness: float = 0.05
+
+
+def apply_acoustic_bands(image: torch.Tensor, bands: tuple[AcousticBand, ...]) -> torch.Tensor:
+    """Multiply a U/S window by bands of gain that run from a depth down to the patch's bottom.
+
+    Behind strongly attenuating structures (ribs, gas, stones) the beam leaves an acoustic
+    shadow; behind fluid (gallbladder, cysts, a full bladder) it leaves posterior enhancement.
+    Both are columns of changed brightness along the beam, below the structure, on real B-mode
+    of every machine, and they cross the kidney as often as not. Every frame of the window gets
+    the same bands. The result is clipped to [0, 1], the range of normalised U/S.
+
+    Args:
+        image: ``(C, D, H, W)`` U/S window (``D`` the frames, ``H`` the depth, ``W`` lateral).
+        bands: The bands (none: the image is returned as a float copy).
+
+    Returns:
+        A new float tensor of the image's shape.
+
+    Example:
+        >>> image = torch.full((1, 1, 4, 4), 0.5)
+        >>> band = AcousticBand(centre=0.0, half_width=0.2, start=0.5, log_gain=-0.7, softness=1e-3)
+        >>> apply_acoustic_bands(image, (band,))[0, 0].round(decimals=2)
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000],
+                [0.5000, 0.5000, 0.5000, 0.5000],
+                [0.2500, 0.5000, 0.5000, 0.5000],
+                [0.2500, 0.5000, 0.5000, 0.5000]])
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
+    out = image.float()
+    if not bands:
+        return out.clone()
+    rows, cols = image.shape[-2:]
+    depth = torch.linspace(0.0, 1.0, rows, device=image.device)[:, None]
+    lateral = torch.linspace(0.0, 1.0, cols, device=image.device)[None, :]
+    log_gain = torch.zeros(rows, cols, device=image.device)
+    for band in bands:
+        if band.half_width <= 0 or band.softness <= 0:
+            raise ValueError(f"half_width and softness must be positive, got {band}")
+        axis = band.centre + band.tilt * (depth - band.start)
+        across = torch.sigmoid((band.half_width - (lateral - axis).abs()) / band.softness)
+        below = torch.sigmoid((depth - band.start) / band.softness)
+        log_gain = log_gain + band.log_gain * across * below
+    return (out * torch.exp(log_gain)).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomAcousticBands:
+    """Sampler of shadow and enhancement bands for :func:`apply_acoustic_bands`.
+
+    With ``probability`` a window gets 1 to ``max_bands`` bands, each a shadow or an enhancement
+    (gain drawn log-uniformly in ``gain_range``), of random width, start depth and tilt, so the
+    U/S network learns to find the kidney where a band darkens or brightens part of it (the
+    real-CT B-mode's kidney under the gallbladder's enhancement, docs/models.md).
+
+    Example:
+        >>> bands = RandomAcousticBands(probability=1.0).sample(torch.Generator().manual_seed(0))
+        >>> 1 <= len(bands) <= 2 and all(0.25 <= math.exp(b.log_gain) <= 2.5 for b in bands)
+        True
+    """
+
+    probability: float = 0.5
+    max_bands: int = 2
+    gain_range: tuple[float, float] = (0.25, 2.5)
+    half_width_range: tuple[float, float] = (0.05, 0.25)
+    max_tilt_deg: float = 15.0
+
+    def __post_init__(self) -> None:
+        _check_range(self.gain_range, "gain_range")
+        _check_range(self.half_width_range, "half_width_range")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {self.probability}")
+        if self.max_bands < 1 or self.gain_range[0] <= 0 or self.half_width_range[0] <= 0:
+            raise ValueError("max_bands, gain_range and half_width_range must be positive")
+
+    def sample(self, generator: torch.Generator) -> tuple[AcousticBand, ...]:
+        """Draw the bands (none with ``1 - probability``); a fixed number of draws."""
+        apply = _uniform(generator, 0.0, 1.0) < self.probability
+        count = 1 + int(_uniform(generator, 0.0, 1.0) * self.max_bands * (1 - 1e-9))
+        bands = []
+        for _ in range(self.max_bands):
+            centre = _uniform(generator, 0.0, 1.0)
+            half_width = _uniform(generator, *self.half_width_range)
+            start = _uniform(generator, 0.0, 0.7)
+            log_gain = _uniform(generator, *map(math.log, self.gain_range))
+            tilt = math.tan(math.radians(_uniform(generator, -1.0, 1.0) * self.max_tilt_deg))
+            bands.append(AcousticBand(centre, half_width, start, log_gain, tilt))
+        return tuple(bands[:count]) if apply else ()
+
+
+# ----------------------------------------------------------------------------------------------
 # Spatial
 # ----------------------------------------------------------------------------------------------
 
@@ -650,9 +769,10 @@ class RandomSpatial:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Spatial, blur, intensity-curve, then intensity augmentation of one patch.
+    """Spatial, blur, intensity-curve, acoustic-band, then intensity augmentation of one patch.
 
-    ``in_plane`` (U/S windows) keeps spatial transforms and blur inside each frame.
+    ``in_plane`` (U/S windows) keeps spatial transforms and blur inside each frame; ``bands``
+    (U/S, opt-in) adds shadows and enhancement along the beam.
 
     Example:
         >>> aug = default_augmentation("us")
@@ -666,6 +786,7 @@ class Augmentation:
     blur: RandomBlur | None = None
     curve: RandomCurve | None = None
     in_plane: bool = False
+    bands: RandomAcousticBands | None = None
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
@@ -681,6 +802,10 @@ class Augmentation:
             knots = self.curve.sample(generator)
             if knots is not None:
                 image = apply_curve(image, knots)
+        if self.bands is not None:
+            bands = self.bands.sample(generator)
+            if bands:
+                image = apply_acoustic_bands(image, bands)
         if self.intensity is not None:
             image = apply_intensity(image, self.intensity.sample(generator))
         return image, mask

@@ -39,6 +39,7 @@ from kidneyreg.checkpoint import load_checkpoint, save_checkpoint
 from kidneyreg.errors import InputError
 from kidneyreg.features.augment import (
     Augmentation,
+    RandomAcousticBands,
     RandomTissueContrast,
     RandomTissueGain,
     default_augmentation,
@@ -113,6 +114,9 @@ class TrainSettings:
             larger factors the network sees the kidney with varied amounts of context and
             varied distances to the patch faces, so its output does not hinge on the inference
             window (docs/models.md).
+        acoustic_bands: U/S only: also darken or brighten random bands along the beam, as
+            acoustic shadows and posterior enhancement do
+            (:class:`~kidneyreg.features.augment.RandomAcousticBands`). Off by default.
     """
 
     epochs: int = 30
@@ -126,6 +130,7 @@ class TrainSettings:
     augment: bool = True
     tissue_contrast: bool = False
     patch_scale: float = 1.0
+    acoustic_bands: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
@@ -455,6 +460,11 @@ def train_feature_net(
             val_sampler.sample(val_generator, val_size) for _ in range(settings.val_patches)
         ]
     augmentation = default_augmentation(config.modality) if settings.augment else None
+    if settings.acoustic_bands:
+        if config.modality != "us":
+            raise ValueError("acoustic_bands is a U/S augmentation; the modality is ct")
+        if augmentation is not None:
+            augmentation = dataclasses.replace(augmentation, bands=RandomAcousticBands())
 
     def best_payload() -> dict[str, Any]:
         return model_payload(net, inference_scale=settings.patch_scale)
