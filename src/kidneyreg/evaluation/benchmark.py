@@ -976,8 +976,10 @@ def _training_folder(folder: Path, cases: Sequence[CaseRecord]) -> Path:
             continue
         try:
             link.symlink_to(case.folder.resolve(), target_is_directory=True)
+        except FileExistsError:
+            continue  # another process sharing the work folder made it meanwhile
         except OSError:
-            shutil.copytree(case.folder, link)
+            shutil.copytree(case.folder, link, dirs_exist_ok=True)
     return folder
 
 
