@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kidneyreg.registration.heads import RegressionHead
+from kidneyreg.registration.heads import RegressionHead, _grid_moment_sums, _moment_sums
 
 
 def _brute_force_summary(
@@ -74,3 +74,29 @@ def test_head_output_is_bounded_and_starts_at_zero() -> None:
     torch.nn.init.normal_(head.out.weight, std=10.0)
     out = head(features, axes)
     assert out.shape == (3, 12) and out.abs().max() <= 1 and out.abs().min() > 0
+
+
+def test_summary_of_channels_last_features_matches_a_brute_force_evaluation() -> None:
+    # The network hands its heads channels-last maps; the moments then read them as a free view.
+    torch.manual_seed(1)
+    head = RegressionHead(4, 6, attention_maps=3).double()
+    features = torch.randn(2, 4, 5, 6, 3, dtype=torch.float64)
+    axes = [torch.linspace(-1, 1, n, dtype=torch.float64) + 0.1 for n in (5, 6, 3)]
+    channels_last = features.contiguous(memory_format=torch.channels_last_3d)
+    got = head.summary(channels_last, axes)
+    torch.testing.assert_close(got, _brute_force_summary(head, features, axes))
+
+
+def test_grid_moment_sums_equal_the_moments_of_a_grid_of_ones() -> None:
+    axes = [torch.linspace(-0.7, 1.2, n, dtype=torch.float64) for n in (4, 7, 3)]
+    ones = torch.ones(1, 4, 7, 3, 1, dtype=torch.float64)
+    torch.testing.assert_close(_grid_moment_sums(*axes), _moment_sums(ones, *axes)[0, 0])
+
+
+def test_head_gradients_match_finite_differences() -> None:
+    torch.manual_seed(2)
+    head = RegressionHead(3, 6, attention_maps=2).double()
+    torch.nn.init.normal_(head.out.weight)  # the zero-initialised last layer would hide the rest
+    features = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    axes = [torch.linspace(-1, 1, n, dtype=torch.float64) for n in (4, 5, 3)]
+    assert torch.autograd.gradcheck(lambda f: head(f, axes), (features,))

@@ -30,43 +30,75 @@ __all__ = ["RegressionHead", "combine_levels"]
 
 
 def _moment_sums(
-    values: torch.Tensor, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor
+    values: torch.Tensor,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    channels_first: bool = False,
 ) -> torch.Tensor:
     """Sums of ``values`` times 1, x, y, z, xx, yy, zz, xy, xz, yz over the grid.
 
     Args:
-        values: ``(B, D, H, W, M)``.
+        values: ``(B, D, H, W, M)``, or ``(B, M, D, H, W)`` with ``channels_first``.
         z, y, x: Positions along D, H, W.
+        channels_first: The layout of ``values``.
 
     Returns:
         ``(B, M, 10)``.
     """
-    # Separable grid: one contraction over x with (1, x, x^2) leaves (B, D, H, M, 3); the rest
-    # are sums over that small array, never an (N, 3) coordinate array.
-    powers_x = torch.stack([torch.ones_like(x), x, x * x], dim=1)  # (W, 3)
-    rows = torch.einsum("bzyxm,xp->bzymp", values, powers_x)
-    s0, s1, s2 = rows.unbind(dim=-1)  # sums over x of v, x v, x^2 v: (B, D, H, M)
+    # Separable grid: one matrix product contracts the large (z, y) plane with the six
+    # polynomials 1, y, z, yy, zz, zy, leaving (B, 6, W, M); x (the short R-L extent of the slab
+    # levels) is summed afterwards. ``values`` is a free view as (B, D H, W M) when the features
+    # are channels-last, so this reads the map once, with no copy and no (N, 3) coordinates.
     zz, yy = z[:, None], y[None, :]
     ones = torch.ones_like(zz * yy)
-    coeff0 = torch.stack([ones, ones * yy, zz * ones, ones * yy * yy, zz * zz * ones, zz * yy])
-    coeff1 = torch.stack([ones, ones * yy, zz * ones])
-    t0 = torch.einsum("bzym,czy->bmc", s0, coeff0)  # 1, y, z, yy, zz, zy
-    t1 = torch.einsum("bzym,czy->bmc", s1, coeff1)  # x, xy, xz
-    t2 = torch.einsum("bzym,zy->bm", s2, ones)  # xx
+    planes = torch.stack([ones, ones * yy, zz * ones, ones * yy * yy, zz * zz * ones, zz * yy])
+    planes = planes.reshape(6, -1)
+    if channels_first:
+        b, m, nz, ny, nx = values.shape
+        by_x = torch.matmul(planes, values.reshape(b, m, nz * ny, nx)).permute(0, 2, 3, 1)
+    else:
+        b, nz, ny, nx, m = values.shape
+        by_x = torch.matmul(planes, values.reshape(b, nz * ny, nx * m)).reshape(b, 6, nx, m)
+    p1, py, pz, pyy, pzz, pzy = by_x.unbind(dim=1)  # (B, W, M) each
+    xs = x[None, :, None]
     return torch.stack(
         [
-            t0[..., 0],
-            t1[..., 0],
-            t0[..., 1],
-            t0[..., 2],
-            t2,
-            t0[..., 3],
-            t0[..., 4],
-            t1[..., 1],
-            t1[..., 2],
-            t0[..., 5],
+            p1.sum(dim=1),
+            (p1 * xs).sum(dim=1),
+            py.sum(dim=1),
+            pz.sum(dim=1),
+            (p1 * xs * xs).sum(dim=1),
+            pyy.sum(dim=1),
+            pzz.sum(dim=1),
+            (py * xs).sum(dim=1),
+            (pz * xs).sum(dim=1),
+            pzy.sum(dim=1),
         ],
         dim=-1,
+    )
+
+
+def _grid_moment_sums(z: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`_moment_sums` of a grid of ones, ``(10,)``, from the axes' own sums."""
+    n = [torch.tensor(float(a.numel()), dtype=a.dtype, device=a.device) for a in (x, y, z)]
+    s1 = [a.sum() for a in (x, y, z)]
+    s2 = [(a * a).sum() for a in (x, y, z)]
+    nx, ny, nz = n
+    return torch.stack(
+        [
+            nx * ny * nz,
+            s1[0] * ny * nz,
+            s1[1] * nx * nz,
+            s1[2] * nx * ny,
+            s2[0] * ny * nz,
+            s2[1] * nx * nz,
+            s2[2] * nx * ny,
+            s1[0] * s1[1] * nz,
+            s1[0] * s1[2] * ny,
+            s1[1] * s1[2] * nx,
+        ]
     )
 
 
@@ -123,17 +155,22 @@ class RegressionHead(nn.Module):
 
         # Contrast moments of every channel.
         sums = _moment_sums(grid, z, y, x)  # (B, C, 10)
-        ones = torch.ones(1, 1, 1, 1, 1, dtype=features.dtype, device=features.device)
-        grid_sums = _moment_sums(ones.expand(1, nz, ny, nx, 1), z, y, x)[0, 0]  # (10,)
-        spread = (flat - mean[:, None]).abs().sum(dim=1) + 1e-6 * n  # (B, C)
+        grid_sums = _grid_moment_sums(z, y, x)  # (10,)
+        spread = (flat - mean[:, None]).abs_().sum(dim=1) + 1e-6 * n  # (B, C)
         contrast = (sums[..., 1:] - mean[..., None] * grid_sums[1:]) / spread[..., None]
 
         # Learned attention maps (soft-argmax).
         conv_weight = self.attention.weight.reshape(k, c)
-        logits = torch.nn.functional.linear(flat, conv_weight, self.attention.bias)
-        weights = torch.softmax(logits, dim=1)  # (B, N, K), each map sums to 1 over voxels
-        pooled = weights.transpose(1, 2) @ flat  # (B, K, C)
-        w_sums = _moment_sums(weights.reshape(b, nz, ny, nx, k), z, y, x)  # (B, K, 10)
+        # Maps first, (B, K, N): the softmax then runs along contiguous memory (several times
+        # faster than along N with a stride of K).
+        logits = torch.matmul(conv_weight, flat.transpose(1, 2))
+        if self.attention.bias is not None:
+            logits = logits + self.attention.bias[:, None]
+        weights = torch.softmax(logits, dim=2)  # each map sums to 1 over voxels
+        pooled = weights @ flat  # (B, K, C)
+        w_sums = _moment_sums(
+            weights.reshape(b, k, nz, ny, nx), z, y, x, channels_first=True
+        )  # (B, K, 10)
         mx, my, mz = w_sums[..., 1], w_sums[..., 2], w_sums[..., 3]
         attention = torch.stack(
             [

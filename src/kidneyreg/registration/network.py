@@ -105,6 +105,10 @@ def upsample_x_range(
             f"coarse x range [{coarse_start}, {coarse_stop}) cannot give fine [{start}, {stop})"
         )
     crop = coarse[..., first - coarse_start : last - coarse_start]
+    # PyTorch's CPU trilinear kernel vectorises over channels only in channels-last layout:
+    # 5-7x faster there than on the row-major crops the decoder hands it (same values to float
+    # rounding), and the concatenation with the channels-last skip that follows stays so.
+    crop = crop.contiguous(memory_format=torch.channels_last_3d)
     fine = F.interpolate(crop, scale_factor=2, mode="trilinear", align_corners=False)
     return fine[..., start - 2 * first : stop - 2 * first]
 
