@@ -139,3 +139,47 @@ def test_tilt_search_undoes_a_known_tilt_with_exact_maps(tiny_case: Path, use_si
     )
     assert tilt == (-8.0, 0.0)
     np.testing.assert_allclose(poses, truth[frames], atol=1e-6)
+
+
+def test_median_centroid_error_is_in_mm_and_skips_empty_frames() -> None:
+    us_maps = _load("eval_us_maps")
+    predicted = np.zeros((3, 6, 8), bool)
+    truth = np.zeros((3, 6, 8), bool)
+    predicted[0, 2, 2] = truth[0, 2, 5] = True  # 3 columns apart
+    predicted[1, 1, 4] = truth[1, 4, 4] = True  # 3 rows apart
+    truth[2, 3, 3] = True  # nothing predicted: left out
+    # pixel size (sx, sy) = (columns, rows): 0.5 mm and 2 mm -> errors 1.5 and 6 mm.
+    assert us_maps.median_centroid_error(predicted, truth, (0.5, 2.0)) == pytest.approx(3.75)
+    assert np.isnan(us_maps.median_centroid_error(predicted[2:], truth[2:], (1.0, 1.0)))
+
+
+def test_bundling_verdict_applies_both_halves_of_the_rule() -> None:
+    us_maps = _load("eval_us_maps")
+
+    def scores(real: float, sim: float, name: str) -> list:
+        return [
+            us_maps.MapScores(name, "real", 1, real, real, 10.0),
+            us_maps.MapScores(name, "sim", 8, sim, sim, 1.0),
+        ]
+
+    base = scores(0.70, 0.94, "base")
+    ok, line = us_maps.bundling_verdict(base + scores(0.76, 0.935, "new"), "base", "new", "real")
+    assert ok and "qualifies" in line
+    ok, _ = us_maps.bundling_verdict(base + scores(0.74, 0.95, "new"), "base", "new", "real")
+    assert not ok  # real-CT gain 0.04 < 0.05
+    ok, _ = us_maps.bundling_verdict(base + scores(0.80, 0.92, "new"), "base", "new", "real")
+    assert not ok  # a simulated cohort loses 0.02 > 0.01
+    with pytest.raises(ValueError, match="real-CT cohort"):
+        us_maps.bundling_verdict(base, "base", "base", "elsewhere")
+
+
+def test_pipeline_maps_of_the_bundled_us_model_are_scored(tiny_case: Path) -> None:
+    from kidneyreg.features.infer import load_feature_model
+
+    us_maps = _load("eval_us_maps")
+    model = load_feature_model(modality="us")
+    row = us_maps.score_cohort(model, tiny_case, name="bundled")
+    assert row.cases == 1 and row.model == "bundled"
+    assert 0.0 <= row.raw <= 1.0 and 0.0 <= row.cleaned <= 1.0
+    assert row.cleaned > 0.5  # the bundled model finds a simulated kidney
+    assert np.isfinite(row.centroid_mm) and row.centroid_mm >= 0.0

@@ -1,0 +1,180 @@
+"""U/S kidney maps as ``kidneyreg register`` uses them, scored on cohorts; the U/S bundling rule.
+
+For each U/S model and each cohort (``kidneyreg simulate`` output with ground-truth U/S masks,
+procedural or ``--from-ct``), every case's sequence goes through the U/S feature network as the
+pipeline runs it (disjoint windows of ``Nw`` frames, ``predict_us(stride=Nw)``, threshold 0.5)
+and is scored against the ground truth:
+
+* ``raw``: Dice of the thresholded maps over the whole sequence;
+* ``cleaned``: Dice after :func:`kidneyreg.pipeline.persistent_region` (what registration reads);
+* ``centroid_mm``: the median over frames of the distance between the cleaned map's kidney
+  centroid and the true one (frames where either is empty are left out): the quantity the
+  initial alignment is built from.
+
+Each is a mean over the cohort's cases. With ``--real COHORT`` (a cohort rendered from a real CT)
+and two or more models, the first model is the bundled baseline and every other one is checked
+against the rule U/S models are bundled by (docs/models.md): the cleaned Dice on the real-CT
+cohort gains at least ``--min-real-gain`` (0.05) and no other cohort's cleaned Dice drops by
+more than ``--max-sim-loss`` (0.01).
+
+Usage::
+
+    .venv/bin/python benchmarks/eval_us_maps.py --model bundled --model runs/bands/bands.best.pt \\
+        --cohort runs/feat/test --cohort runs/feat/test_gb --real runs/realsim2 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from kidneyreg.features.data import find_cases
+from kidneyreg.features.infer import FeatureModel, load_feature_model, predict_us
+from kidneyreg.features.metrics import dice
+from kidneyreg.io.us import read_us_mask, read_us_sequence
+from kidneyreg.pipeline import persistent_region
+
+
+@dataclass(frozen=True)
+class MapScores:
+    """Mean scores of one model on one cohort."""
+
+    model: str
+    cohort: str
+    cases: int
+    raw: float
+    cleaned: float
+    centroid_mm: float
+
+
+def median_centroid_error(
+    prediction: NDArray[np.bool_], truth: NDArray[np.bool_], pixel_size: tuple[float, float]
+) -> float:
+    """Median over frames of the distance (mm) between the two masks' centroids.
+
+    ``(n, rows, cols)`` masks; ``pixel_size`` is ``(sx, sy)``, columns then rows, as U/S image
+    coordinates are. Frames where either mask is empty are left out (NaN if none is left).
+
+    Example:
+        >>> a = np.zeros((2, 5, 5), bool); b = np.zeros((2, 5, 5), bool)
+        >>> a[:, 1, 1] = True; b[:, 1, 3] = True
+        >>> median_centroid_error(a, b, (0.5, 2.0))
+        1.0
+    """
+    scale = np.array([pixel_size[1], pixel_size[0]], dtype=np.float64)  # rows, cols
+    errors = []
+    for predicted, true in zip(prediction, truth, strict=True):
+        if predicted.any() and true.any():
+            a = np.asarray(ndimage.center_of_mass(predicted), dtype=np.float64)
+            b = np.asarray(ndimage.center_of_mass(true), dtype=np.float64)
+            errors.append(float(np.linalg.norm((a - b) * scale)))
+    return float(np.median(errors)) if errors else float("nan")
+
+
+def score_cohort(
+    model: FeatureModel, cohort: Path, *, threshold: float = 0.5, name: str = ""
+) -> MapScores:
+    """Mean raw / cleaned Dice and centroid error of ``model``'s pipeline maps on ``cohort``."""
+    raw, cleaned, centroid = [], [], []
+    stride = int(model.config.window)
+    for files in find_cases(cohort, "us"):
+        sequence = read_us_sequence(files.image, min_frames=1)
+        truth = np.asarray(read_us_mask(files.mask, sequence)) > 0
+        binary = predict_us(model, sequence, stride=stride) >= threshold
+        kept = persistent_region(binary)
+        raw.append(dice(binary, truth))
+        cleaned.append(dice(kept, truth))
+        centroid.append(median_centroid_error(kept, truth, sequence.pixel_size))
+    return MapScores(
+        name or model.source,
+        str(cohort),
+        len(raw),
+        float(np.mean(raw)),
+        float(np.mean(cleaned)),
+        float(np.nanmean(centroid)),
+    )
+
+
+def bundling_verdict(
+    scores: list[MapScores],
+    baseline: str,
+    candidate: str,
+    real: str,
+    *,
+    min_real_gain: float = 0.05,
+    max_sim_loss: float = 0.01,
+) -> tuple[bool, str]:
+    """Whether ``candidate`` may replace ``baseline`` (cleaned Dice), and why, in one line."""
+    by = {(s.model, s.cohort): s for s in scores}
+    cohorts = list(dict.fromkeys(s.cohort for s in scores))
+    if real not in cohorts:
+        raise ValueError(f"no scores on the real-CT cohort {real}")
+    gain = by[candidate, real].cleaned - by[baseline, real].cleaned
+    losses = {c: by[baseline, c].cleaned - by[candidate, c].cleaned for c in cohorts if c != real}
+    worst = max(losses.values(), default=0.0)
+    ok = gain >= min_real_gain and worst <= max_sim_loss
+    return ok, (
+        f"{candidate}: real-CT cleaned Dice {gain:+.3f} (needs >= +{min_real_gain}), "
+        f"largest simulated loss {worst:.3f} (allowed {max_sim_loss}): "
+        + ("qualifies" if ok else "does not qualify")
+    )
+
+
+def main() -> None:
+    """Score every model on every cohort, print a table and the bundling verdicts."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", action="append", default=None, help="U/S checkpoint or 'bundled' (repeat)."
+    )
+    parser.add_argument("--cohort", type=Path, action="append", default=[], help="Repeatable.")
+    parser.add_argument("--real", type=Path, default=None, help="Cohort rendered from a real CT.")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--min-real-gain", type=float, default=0.05)
+    parser.add_argument("--max-sim-loss", type=float, default=0.01)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the scores here.")
+    args = parser.parse_args()
+    names = args.model or ["bundled"]
+    cohorts = list(args.cohort) + ([args.real] if args.real is not None else [])
+    if not cohorts:
+        parser.error("give at least one --cohort or --real")
+    scores = []
+    for name in names:
+        model = load_feature_model(None if name == "bundled" else Path(name), modality="us")
+        for cohort in cohorts:
+            scores.append(score_cohort(model, cohort, threshold=args.threshold, name=name))
+            s = scores[-1]
+            print(f"{name} on {cohort}: raw {s.raw:.3f} cleaned {s.cleaned:.3f}", flush=True)
+    print("\n| model | cohort | cases | Dice raw | Dice cleaned | centroid error (mm) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for s in scores:
+        print(
+            f"| {s.model} | {s.cohort} | {s.cases} | {s.raw:.3f} | {s.cleaned:.3f} "
+            f"| {s.centroid_mm:.1f} |"
+        )
+    verdicts = []
+    if args.real is not None and len(names) > 1:
+        print()
+        for candidate in names[1:]:
+            ok, line = bundling_verdict(
+                scores,
+                names[0],
+                candidate,
+                str(args.real),
+                min_real_gain=args.min_real_gain,
+                max_sim_loss=args.max_sim_loss,
+            )
+            verdicts.append({"model": candidate, "qualifies": ok, "reason": line})
+            print(line)
+    if args.json is not None:
+        payload = {"scores": [asdict(s) for s in scores], "verdicts": verdicts}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
