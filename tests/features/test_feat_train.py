@@ -272,3 +272,37 @@ def test_patch_scale_setting_trains_on_varied_patch_sizes(
     assert load_feature_model(tmp_path / "1.0.best.pt").window == config.patch_size
     assert len(set(shapes[6:])) > 1 and all(s[0] <= 32 and s[1] <= 96 for s in shapes[6:])
     assert default_train_settings("cpu").patch_scale == 1.0
+
+
+def test_acoustic_bands_setting_shades_us_patches_and_refuses_ct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kidneyreg.features.augment as augment_module
+
+    calls = []
+    original = augment_module.apply_acoustic_bands
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(augment_module, "apply_acoustic_bands", counting)
+    config = feature_config("us", "tiny", window=3)
+    frames, masks = us_frames(n=4, rows=60, cols=80)
+    cases = [CaseData.from_arrays("us", normalize_us(frames), masks)]
+    for flag in (False, True):
+        settings = TrainSettings(
+            epochs=1, steps_per_epoch=4, batch_size=2, val_patches=0, acoustic_bands=flag
+        )
+        train_feature_net(config, cases, [], settings, tmp_path / f"{flag}.pt", progress=False)
+        if not flag:
+            assert not calls  # off: patches as rendered
+    assert len(calls) >= 1  # on: about half of the 8 patches shaded (probability 0.5)
+    assert default_train_settings("cpu").acoustic_bands is False
+
+    ct_cases = [CaseData.from_arrays("t", *blob_volume(1))]
+    bands = TrainSettings(epochs=1, steps_per_epoch=1, val_patches=0, acoustic_bands=True)
+    out = tmp_path / "ct.pt"
+    with pytest.raises(ValueError, match="U/S augmentation"):
+        train_feature_net(feature_config("ct", "tiny"), ct_cases, [], bands, out, progress=False)
+    assert not out.exists()  # refused before anything is written
