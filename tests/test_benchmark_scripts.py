@@ -183,3 +183,46 @@ def test_pipeline_maps_of_the_bundled_us_model_are_scored(tiny_case: Path) -> No
     assert 0.0 <= row.raw <= 1.0 and 0.0 <= row.cleaned <= 1.0
     assert row.cleaned > 0.5  # the bundled model finds a simulated kidney
     assert np.isfinite(row.centroid_mm) and row.centroid_mm >= 0.0
+
+
+def _fold_results(root: Path, rows: list[dict]) -> Path:
+    import json
+
+    by_fold: dict[int, list[dict]] = {}
+    for row in rows:
+        by_fold.setdefault(row["fold"], []).append(row)
+    for fold, fold_rows in by_fold.items():
+        folder = root / f"fold_{fold}" / "results"
+        folder.mkdir(parents=True)
+        (folder / "case.json").write_text(json.dumps({"rows": fold_rows}))
+    return root
+
+
+def test_paired_methods_compare_patient_means_over_test_frames(tmp_path: Path) -> None:
+    paired = _load("paired_methods")
+    rows = []
+    for i, case in enumerate(["c0", "c1", "c2", "c3", "c4"]):
+        for frame, test in ((0, 0), (1, 1), (2, 1)):
+            base = {"fold": i % 2, "case": case, "group": "AB"[i % 2], "frame": frame}
+            base |= {"test": test, "mcd_ctct": 1.0, "plane_angle_deg": 2.0}
+            # "good" is 1 mm better than "bad" on every test frame; adaptation frames (test 0)
+            # carry a large error that must not count.
+            rows.append(base | {"method": "good", "tre": 2.0 + i + (50 if not test else 0)})
+            rows.append(base | {"method": "bad", "tre": 3.0 + i + frame * 0.1})
+    folder = _fold_results(tmp_path / "work", rows)
+    read = paired.read_rows(folder)
+    assert len(read) == len(rows)
+    means = paired.patient_means(read, "tre")
+    assert means["good"]["c0"] == pytest.approx(2.0)
+    result = paired.compare(means, "good", "bad", "tre")
+    assert result.patients == 5 and result.a_wins == 5
+    assert result.mean_difference == pytest.approx(-1.15)
+    assert result.p_value == pytest.approx(0.0625)  # exact two-sided, 5 of 5 the same sign
+    group_a = paired.compare(paired.patient_means(read, "tre", "A"), "good", "bad", "tre")
+    assert group_a.patients == 3
+    table = paired.paired_table(read, [("good", "bad", "q"), ("good", "absent", "q")])
+    assert "| good vs bad | q | TRE | 5 |" in table and "absent" not in table
+    with pytest.raises(ValueError, match="no test frames"):
+        paired.compare(means, "good", "absent", "tre")
+    with pytest.raises(ValueError, match="no fold_"):
+        paired.read_rows(tmp_path)
