@@ -196,19 +196,25 @@ def test_training_can_start_from_given_weights(tmp_path: Path) -> None:
         )
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Replace ``module.name`` by a wrapper that appends to the returned list on every call."""
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def test_tissue_contrast_setting_recolours_the_training_patches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kidneyreg.features.data as data_module
 
-    calls = []
-    original = data_module.apply_tissue_contrast
-
-    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(data_module, "apply_tissue_contrast", counting)
+    calls = _count_calls(monkeypatch, data_module, "apply_tissue_contrast")
     config = feature_config("ct", "tiny")
     image, mask = blob_volume(1)
     tissues = np.where(mask > 0, 9, 2).astype(np.uint8)  # cortex in muscle
@@ -279,14 +285,7 @@ def test_acoustic_bands_setting_shades_us_patches_and_refuses_ct(
 ) -> None:
     import kidneyreg.features.augment as augment_module
 
-    calls = []
-    original = augment_module.apply_acoustic_bands
-
-    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(augment_module, "apply_acoustic_bands", counting)
+    calls = _count_calls(monkeypatch, augment_module, "apply_acoustic_bands")
     config = feature_config("us", "tiny", window=3)
     frames, masks = us_frames(n=4, rows=60, cols=80)
     cases = [CaseData.from_arrays("us", normalize_us(frames), masks)]
