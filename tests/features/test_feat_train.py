@@ -209,6 +209,20 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> lis
     return calls
 
 
+def _calls_off_then_on(
+    config: Any, cases: list[CaseData], option: str, steps: int, calls: list[int], out: Path
+) -> int:
+    """Train with ``option`` off (no call may happen), then on; the calls counted in all."""
+    for flag in (False, True):
+        settings = TrainSettings(
+            epochs=1, steps_per_epoch=steps, batch_size=2, val_patches=0, **{option: flag}
+        )
+        train_feature_net(config, cases, [], settings, out / f"{flag}.pt", progress=False)
+        if not flag:
+            assert not calls  # off: patches as rendered
+    return len(calls)
+
+
 def test_tissue_contrast_setting_recolours_the_training_patches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,14 +233,8 @@ def test_tissue_contrast_setting_recolours_the_training_patches(
     image, mask = blob_volume(1)
     tissues = np.where(mask > 0, 9, 2).astype(np.uint8)  # cortex in muscle
     cases = [CaseData.from_arrays("t", image, mask, tissues)]
-    for flag in (False, True):
-        settings = TrainSettings(
-            epochs=1, steps_per_epoch=3, batch_size=2, val_patches=0, tissue_contrast=flag
-        )
-        train_feature_net(config, cases, [], settings, tmp_path / f"{flag}.pt", progress=False)
-        if not flag:
-            assert not calls  # off: patches as rendered
-    assert len(calls) >= 2  # on: most of the 6 patches recoloured (probability 0.8)
+    # On: most of the 6 patches recoloured (probability 0.8).
+    assert _calls_off_then_on(config, cases, "tissue_contrast", 3, calls, tmp_path) >= 2
     assert default_train_settings("cpu").tissue_contrast is False
 
 
@@ -289,14 +297,8 @@ def test_acoustic_bands_setting_shades_us_patches_and_refuses_ct(
     config = feature_config("us", "tiny", window=3)
     frames, masks = us_frames(n=4, rows=60, cols=80)
     cases = [CaseData.from_arrays("us", normalize_us(frames), masks)]
-    for flag in (False, True):
-        settings = TrainSettings(
-            epochs=1, steps_per_epoch=4, batch_size=2, val_patches=0, acoustic_bands=flag
-        )
-        train_feature_net(config, cases, [], settings, tmp_path / f"{flag}.pt", progress=False)
-        if not flag:
-            assert not calls  # off: patches as rendered
-    assert len(calls) >= 1  # on: about half of the 8 patches shaded (probability 0.5)
+    # On: about half of the 8 patches shaded (probability 0.5).
+    assert _calls_off_then_on(config, cases, "acoustic_bands", 4, calls, tmp_path) >= 1
     assert default_train_settings("cpu").acoustic_bands is False
 
     ct_cases = [CaseData.from_arrays("t", *blob_volume(1))]
