@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from kidneyreg.features.data import find_cases
 from kidneyreg.features.infer import FeatureModel, load_feature_model, predict_us
 from kidneyreg.features.metrics import dice
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import persistent_region
+from kidneyreg.pipeline import _frame_centroids, persistent_region
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,12 @@ def median_centroid_error(
         >>> median_centroid_error(a, b, (0.5, 2.0))
         1.0
     """
-    scale = np.array([pixel_size[1], pixel_size[0]], dtype=np.float64)  # rows, cols
-    errors = []
-    for predicted, true in zip(prediction, truth, strict=True):
-        if predicted.any() and true.any():
-            a = np.asarray(ndimage.center_of_mass(predicted), dtype=np.float64)
-            b = np.asarray(ndimage.center_of_mass(true), dtype=np.float64)
-            errors.append(float(np.linalg.norm((a - b) * scale)))
-    return float(np.median(errors)) if errors else float("nan")
+    # The pipeline's own per-frame centroids (u, v) in mm, as the initial alignment uses them.
+    predicted, predicted_seen = _frame_centroids(prediction, pixel_size)
+    true, true_seen = _frame_centroids(truth, pixel_size)
+    both = predicted_seen & true_seen
+    errors = np.linalg.norm(predicted[both] - true[both], axis=1)
+    return float(np.median(errors)) if errors.size else float("nan")
 
 
 def score_cohort(
