@@ -27,6 +27,7 @@ import argparse
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,11 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT
 from kidneyreg.evaluation.evaluate import evaluate_frames
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import DEFAULT_REFINEMENTS, Registrar, load_registration_model
+from kidneyreg.pipeline import Registrar, load_registration_model
 
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
@@ -63,11 +63,19 @@ def evaluate_case(
     *,
     adapt: bool,
     features: str,
-    refinements: int,
-    anchor: float = DEFAULT_ANCHOR_WEIGHT,
+    refinements: int | None,
+    anchor: float | None = None,
+    also_anchors: Sequence[float] = (),
     use_init: bool = False,
+    also_refinements: int | None = None,
 ) -> dict[str, Any]:
-    """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``."""
+    """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``.
+
+    With ``also_refinements`` the pretrained and the adapted model also register with that many
+    refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
+    two settings differ only in the passes. Each of ``also_anchors`` adapts the pretrained model
+    again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames).
+    """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
     sequence = read_us_sequence(case / "us.nii.gz")
@@ -90,16 +98,30 @@ def evaluate_case(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = registrar.prepare(sequence, us_masks if with_masks else None)
-    poses = {"initial": None, "pretrained": registrar.register(prepared)}
-    initial = poses["pretrained"].initial_matrices  # type: ignore[union-attr]
+
+    def register(stage: str) -> None:
+        registrar.refinements = refinements
+        poses[stage] = registrar.register(prepared)
+        if also_refinements is not None:
+            registrar.refinements = also_refinements
+            poses[f"{stage}_r{also_refinements}"] = registrar.register(prepared)
+            registrar.refinements = refinements
+
+    poses: dict[str, Any] = {"initial": None}
+    register("pretrained")
+    initial = poses["pretrained"].initial_matrices
     frames = np.arange(sequence.n_frames)
     seconds = 0.0
     if adapt:
         started = time.perf_counter()
         record = registrar.adapt(prepared, anchor_weight=anchor)
         seconds = time.perf_counter() - started
-        poses["adapted"] = registrar.register(prepared)
+        register("adapted")
         frames = np.arange(record.frame_range[1], sequence.n_frames)
+        for weight in also_anchors:
+            registrar.reset()
+            registrar.adapt(prepared, anchor_weight=weight)
+            register(f"adapted_a{weight:g}")
     row: dict[str, Any] = {
         "case": str(case),
         "group": info["group"],
@@ -141,13 +163,32 @@ def main() -> None:
     parser.add_argument("--adapt", action="store_true", help="also one-cycle adaptation")
     parser.add_argument("--features", choices=("masks", "network"), default="masks")
     parser.add_argument(
-        "--refinements", type=int, default=DEFAULT_REFINEMENTS, help="extra passes per frame"
+        "--refinements",
+        type=int,
+        default=None,
+        help="extra passes per frame (default: register's, 1 before and 0 after adaptation)",
     )
     parser.add_argument(
-        "--anchor", type=float, default=DEFAULT_ANCHOR_WEIGHT, help="adaptation anchor weight"
+        "--anchor",
+        type=float,
+        default=None,
+        help="adaptation anchor weight (default: register's, 0 with masks, 0.1 with networks)",
+    )
+    parser.add_argument(
+        "--also-anchor",
+        type=float,
+        action="append",
+        default=[],
+        help="also adapt with this anchor weight (repeatable; same cases and frames)",
     )
     parser.add_argument(
         "--init", action="store_true", help="start from each case's init.json (--init)"
+    )
+    parser.add_argument(
+        "--also-refinements",
+        type=int,
+        default=None,
+        help="also register with this many passes (same adaptation), e.g. 0",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
@@ -164,20 +205,19 @@ def main() -> None:
                 features=args.features,
                 refinements=args.refinements,
                 anchor=args.anchor,
+                also_anchors=args.also_anchor,
                 use_init=args.init,
+                also_refinements=args.also_refinements,
             )
             rows.append(row)
             print(
                 f"{case} ({row['group']}): TRE "
-                + ", ".join(
-                    f"{m} {row[m]['tre']:.2f}"
-                    for m in ("initial", "pretrained", "adapted")
-                    if m in row
-                ),
+                + ", ".join(f"{m} {row[m]['tre']:.2f}" for m in row if isinstance(row[m], dict)),
                 flush=True,
             )
-    methods = ["initial", "pretrained"] + (["adapted"] if args.adapt else [])
-    print(f"\nmodel {model.source}, features {args.features}, refinements {args.refinements}\n")
+    methods = [m for m in rows[0] if isinstance(rows[0][m], dict)] if rows else []
+    passes = "auto" if args.refinements is None else args.refinements
+    print(f"\nmodel {model.source}, features {args.features}, refinements {passes}\n")
     print(_table(rows, methods))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -10,8 +10,14 @@ tilt, how well the CT plane still matches the U/S frame by:
 * ``kidney``: Dice of the kidney outlines (what a kidney feature map carries),
 * ``sinus``: Dice of the renal sinus (sinus fat and collecting system: the central echo complex),
 * ``medulla``: Dice of the medullary pyramids,
+* ``liver``, ``muscle``: Dice of the liver and of the muscles (psoas, quadratus lumborum,
+  diaphragm, abdominal wall) inside the U/S fan: the anatomy around the kidney, which the
+  paper's kidney-masked inputs leave out,
+* ``fan labels``: share of the fan's pixels outside the kidney whose tissue label agrees,
 * ``mind``: mean absolute MIND difference inside the U/S kidney between the B-mode window and the
-  kidney-masked CT (the paper's image term; lower is better).
+  kidney-masked CT (the paper's image term; lower is better),
+* ``mind fan``: the same difference over the whole fan against the unmasked CT (the anatomy
+  around the kidney included).
 
 At tilt 0 every Dice is 1 by construction (the simulator draws the U/S labels from the CT labels
 on the true plane); what matters is how fast each score falls off with the tilt. A score that
@@ -47,6 +53,11 @@ STRUCTURES: dict[str, tuple[int, ...]] = {
     "kidney": tuple(int(t) for t in KIDNEY_TISSUES),
     "sinus": (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING)),
     "medulla": (int(Tissue.MEDULLA),),
+}
+#: Structures around the kidney, scored inside the U/S fan only (the CT plane extends beyond it).
+CONTEXT: dict[str, tuple[int, ...]] = {
+    "liver": (int(Tissue.LIVER),),
+    "muscle": (int(Tissue.MUSCLE),),
 }
 # In-plane search radius for the outline shift, in pixels.
 _SHIFT_RADIUS = 8
@@ -116,7 +127,8 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct) if ct is not None else None
     shape = us_labels.shape[1:]
     directions = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)]
-    scores: dict[str, dict[float, float]] = {name: {} for name in (*STRUCTURES, "mind")}
+    names = (*STRUCTURES, *CONTEXT, "fan labels", "mind", "mind fan")
+    scores: dict[str, dict[float, float]] = {name: {} for name in names}
     for magnitude in [0.0, *tilts]:
         per_direction: dict[str, list[float]] = {name: [] for name in scores}
         for du, dv in directions[:1] if magnitude == 0 else directions:
@@ -134,6 +146,13 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
                     values[name].append(
                         _dice(np.isin(ct_labels, codes), np.isin(us_labels[k], codes))
                     )
+                fan = us_labels[k] > 0  # the labelled sector; the CT plane extends beyond it
+                for name, codes in CONTEXT.items():
+                    values[name].append(
+                        _dice(np.isin(ct_labels, codes) & fan, np.isin(us_labels[k], codes))
+                    )
+                around = fan & ~us_kidney[k]
+                values["fan labels"].append(float((ct_labels == us_labels[k])[around].mean()))
                 if ct is not None and ct_mask is not None:
                     poses = np.stack(
                         [
@@ -147,17 +166,21 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
                             for i in range(_WINDOW)
                         ]
                     )
-                    hu = resample_on_frames(ct, poses, shape, pixel)
+                    hu = _shift(resample_on_frames(ct, poses, shape, pixel), shift)
                     inside = resample_on_frames(
                         ct_mask, poses[half : half + 1], shape, pixel, interpolator="nearest"
                     )[0].astype(bool)
-                    hu = _shift(hu, shift) * _shift(inside, shift)[None]
-                    window = us_bmode[k - half : k + half + 1]
-                    difference = np.abs(_mind(window) - _mind(hu.astype(np.float32)))
+                    window = _mind(us_bmode[k - half : k + half + 1])
+                    masked = hu * _shift(inside, shift)[None]
+                    difference = np.abs(window - _mind(masked.astype(np.float32)))
                     values["mind"].append(float(difference[:, us_kidney[k]].mean()))
+                    difference = np.abs(window - _mind(hu.astype(np.float32)))
+                    values["mind fan"].append(float(difference[:, fan].mean()))
             for name in scores:
-                if values[name]:
-                    per_direction[name].append(float(np.nanmean(values[name])))
+                # A structure absent from every frame (no liver in the fan) has only NaN Dice.
+                finite = [v for v in values[name] if np.isfinite(v)]
+                if finite:
+                    per_direction[name].append(float(np.mean(finite)))
         for name in scores:
             if per_direction[name]:
                 scores[name][magnitude] = float(np.mean(per_direction[name]))

@@ -10,6 +10,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy.spatial.transform import Rotation
 
 from kidneyreg.geometry import make_rigid, transform_points
@@ -80,6 +81,10 @@ def test_outline_scores_fall_with_the_tilt(tilt: ModuleType, tiny_case: Path) ->
     assert kidney[0.0] == pytest.approx(1.0, abs=0.02)  # U/S labels are the CT's on the true plane
     assert kidney[0.0] > kidney[8.0] > kidney[16.0]
     assert all(np.isfinite(v) for v in row["scores"]["mind"].values())
+    assert all(np.isfinite(v) for v in row["scores"]["mind fan"].values())
+    # The tissue around the kidney also moves with the tilt.
+    around = row["scores"]["fan labels"]
+    assert around[0.0] > 0.9 and around[0.0] > around[8.0] > around[16.0]
 
 
 def test_axis_errors_split_a_rotation_along_the_frame_axes() -> None:
@@ -226,3 +231,21 @@ def test_paired_methods_compare_patient_means_over_test_frames(tmp_path: Path) -
         paired.compare(means, "good", "absent", "tre")
     with pytest.raises(ValueError, match="no fold_"):
         paired.read_rows(tmp_path)
+
+
+def test_a_second_refinement_setting_scores_as_its_own_run(tiny_case: Path) -> None:
+    heldout = _load("eval_heldout")
+    net = RegistrationNet(RegistrationConfig.from_profile("tiny")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # random heads: the passes then move the estimate
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model = RegistrationModel(net, get_profile("tiny"), "<random>")
+    both = heldout.evaluate_case(
+        tiny_case, model, adapt=False, features="masks", refinements=1, also_refinements=0
+    )
+    single = heldout.evaluate_case(tiny_case, model, adapt=False, features="masks", refinements=0)
+    default = heldout.evaluate_case(tiny_case, model, adapt=False, features="masks", refinements=1)
+    assert both["pretrained_r0"] == pytest.approx(single["pretrained"])
+    assert both["pretrained"] == pytest.approx(default["pretrained"])
+    assert both["pretrained"] != pytest.approx(both["pretrained_r0"])
