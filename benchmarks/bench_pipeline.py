@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kidneyreg.pipeline import DEFAULT_REFINEMENTS
+from kidneyreg.pipeline import ADAPTED_REFINEMENTS
 
 
 def _model(profile: str, path: Path | None, slab: int | None) -> Any:
@@ -152,7 +152,10 @@ def main() -> None:
     parser.add_argument("--adapt-batch-size", type=int, default=1, help="Windows per step.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument(
-        "--refinements", type=int, default=DEFAULT_REFINEMENTS, help="Extra passes per frame."
+        "--refinements",
+        type=int,
+        default=ADAPTED_REFINEMENTS,
+        help="Extra passes per frame (default: what register runs after adaptation).",
     )
     parser.add_argument(
         "--us-network",

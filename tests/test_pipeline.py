@@ -362,6 +362,48 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
 
 
+def test_default_refines_the_pretrained_model_and_not_the_adapted_one(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    net = tiny_net(identity=False, seed=3)
+    registrar = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu")
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    assert registrar.refinements == pipeline.PRETRAINED_REFINEMENTS == 1
+    assert registrar.register(prepared).extras["refinements"] == 1
+    registrar.adapt(prepared, frames_idx=[4, 7], epochs=1)
+    assert registrar.refinements == pipeline.ADAPTED_REFINEMENTS == 0
+    adapted = registrar.register(prepared)
+    assert adapted.extras["refinements"] == 0 and adapted.extras["refinement_volumes"] == 0
+    registrar.refinements = 1  # a number set by the caller holds before and after adaptation
+    assert registrar.register(prepared).extras["refinements"] == 1
+    registrar.reset()
+    assert registrar.refinements == 1
+    registrar.refinements = None  # back to automatic
+    assert registrar.refinements == 1
+    with pytest.raises(ValueError, match="refinements"):
+        registrar.refinements = -1
+
+
+def test_default_anchor_is_the_papers_loss_only_with_masks_on_both_sides(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    import dataclasses
+
+    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT, MASKS_ANCHOR_WEIGHT
+
+    registrar = Registrar(case.ct, tiny_net(seed=1), ct_mask=case.ct_kidney_mask, device="cpu")
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    record = registrar.adapt(prepared, frames_idx=[4], epochs=1)
+    assert record.anchor_weight == MASKS_ANCHOR_WEIGHT == 0.0
+    # U/S maps from a feature network: the anchor guards against their errors.
+    from_network = dataclasses.replace(prepared, feature_source="network")
+    assert registrar.adapt(from_network, frames_idx=[4], epochs=1).anchor_weight == 0.1
+    assert DEFAULT_ANCHOR_WEIGHT == 0.1
+    assert (
+        registrar.adapt(prepared, frames_idx=[4], epochs=1, anchor_weight=0.3).anchor_weight == 0.3
+    )
+
+
 def test_anchor_keeps_the_adapted_estimates_near_the_pretrained_ones(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:

@@ -517,7 +517,8 @@ _AnchorOption = Annotated[
     float | None,
     typer.Option(
         "--anchor",
-        help="Adaptation pull towards the pretrained estimates (default 0.1; 0: the paper's).",
+        help="Adaptation pull towards the pretrained estimates (0: the paper's; default 0 "
+        "with --ct-mask and --us-mask, 0.1 with feature networks).",
     ),
 ]
 
@@ -545,12 +546,7 @@ def _registrar_inputs(
     from kidneyreg.io.image import read_ct, read_mask
     from kidneyreg.io.transforms import read_transforms_json
     from kidneyreg.io.us import read_us_mask, read_us_sequence
-    from kidneyreg.pipeline import (
-        DEFAULT_REFINEMENTS,
-        KIDNEY_CHOICES,
-        Registrar,
-        load_registration_model,
-    )
+    from kidneyreg.pipeline import KIDNEY_CHOICES, Registrar, load_registration_model
 
     if refinements is not None and refinements < 0:
         raise InputError("--refinements", f"must be >= 0, got {refinements}")
@@ -577,7 +573,7 @@ def _registrar_inputs(
         device=device,
         init=init_poses,
         kidney=kidney,
-        refinements=DEFAULT_REFINEMENTS if refinements is None else refinements,
+        refinements=refinements,
         ct_source=str(ct),
         ct_mask_source=str(ct_mask),
         log=typer.echo,
@@ -605,8 +601,6 @@ def _adapt_with_progress(
     """Run :meth:`Registrar.adapt` under a progress bar; returns its record."""
     from tqdm import tqdm
 
-    from kidneyreg.adapt import DEFAULT_ANCHOR_WEIGHT
-
     with tqdm(desc="adapt", unit="step") as bar:
 
         def update(step: int, total: int, loss: float) -> None:
@@ -618,7 +612,7 @@ def _adapt_with_progress(
             prepared,
             strategy=strategy,
             epochs=epochs,
-            anchor_weight=DEFAULT_ANCHOR_WEIGHT if anchor is None else anchor,
+            anchor_weight=anchor,
             progress=update,
         )
 
@@ -661,7 +655,7 @@ def register(
         typer.Option(
             "--refinements",
             help="Extra network passes per frame on the CT moved by the last estimate "
-            "(default 1; 0: the paper's single pass).",
+            "(default: 1 with --no-adapt, 0 after adaptation; 0: the paper's single pass).",
         ),
     ] = None,
 ) -> None:
