@@ -144,8 +144,10 @@ _REGISTRATION_KIND = "registration-net"
 #: adapted to the sequence. On 16 held-out simulated patients (ground-truth masks, the same
 #: adaptation for both settings; README "Speed") a refinement pass brought the pretrained model's
 #: outlines closer (MCD CT-CT -0.21 mm, 12 of 16 patients, Wilcoxon p = 0.002) but made no
-#: difference once the model was adapted (TRE -0.05 mm, p = 0.38; MCD +0.00 mm), where the
-#: single pass runs twice as fast (the issue's 20 fps on two CPU cores).
+#: difference once the model was adapted (TRE -0.05 mm, p = 0.38; MCD +0.00 mm; with the feature
+#: networks' maps TRE +0.00 mm, MCD -0.09 mm, p = 0.30), where the single pass runs twice as fast
+#: (the issue's 20 fps on two CPU cores). After adaptation with the pure FIM loss a refinement
+#: even harms (TRE +0.88 mm, p = 0.005): it feeds the network grids it was not adapted on.
 PRETRAINED_REFINEMENTS = 1
 ADAPTED_REFINEMENTS = 0
 # A registration pass whose estimate stays this close to the grid it ran on needs no refinement,
