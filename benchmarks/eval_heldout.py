@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy.spatial.transform import Rotation
 
@@ -40,17 +41,42 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model
+from kidneyreg.simulate.tissues import Tissue
 
+#: Simulator labels of the renal sinus: sinus fat and the collecting system.
+SINUS_LABELS = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
 #: axes move the plane out of itself, a rotation about the normal (w) stays in plane.
 AXIS_METRICS = ("tilt_u_deg", "tilt_v_deg", "inplane_deg")
+#: The TRE split along the true frame's axes: the error at the U/S kidney centroid along the
+#: lateral (u) and depth (v) axes, in plane, and along the normal (w), out of plane; "w_signed"
+#: keeps the sign (positive: the estimated plane lies on the +w side of the true one).
+OFFSET_METRICS = ("offset_u_mm", "offset_v_mm", "offset_w_mm", "offset_w_signed_mm")
 
 
 def axis_errors_deg(estimated: np.ndarray, true: np.ndarray) -> np.ndarray:
     """``(n, 3)`` absolute rotation-vector components of ``true^-1 estimated`` in frame axes."""
     relative = np.einsum("nji,njk->nik", true[:, :3, :3], estimated[:, :3, :3])
     return np.abs(Rotation.from_matrix(relative).as_rotvec(degrees=True))
+
+
+def axis_offsets_mm(estimated: np.ndarray, true: np.ndarray, centres_uv: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` components (u, v, w) of the error at each frame's ``centres_uv`` point (mm).
+
+    The point ``(u, v, 0)`` of frame ``k`` goes to CT world by both poses; the difference is
+    expressed in the true frame's axes, so its norm is the TRE of :mod:`kidneyreg.evaluation`.
+    """
+    points = np.concatenate(
+        [centres_uv, np.zeros((len(centres_uv), 1)), np.ones((len(centres_uv), 1))], axis=1
+    )
+    difference = np.einsum("nij,nj->ni", estimated - true, points)[:, :3]
+    return np.einsum("nji,nj->ni", true[:, :3, :3], difference)
+
+
+def _is_method(value: Any) -> bool:
+    """Whether a row entry holds a pose set's scores (not the plane search's parameters)."""
+    return isinstance(value, dict) and "tre" in value
 
 
 def _scores(values: dict[str, Any], frames: np.ndarray) -> dict[str, float]:
@@ -68,13 +94,17 @@ def evaluate_case(
     also_anchors: Sequence[float] = (),
     use_init: bool = False,
     also_refinements: int | None = None,
+    sinus: bool = False,
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``.
 
     With ``also_refinements`` the pretrained and the adapted model also register with that many
     refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
     two settings differ only in the passes. Each of ``also_anchors`` adapts the pretrained model
-    again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames).
+    again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
+    ``sinus`` the CT and the U/S get renal-sinus masks from the simulator's label maps, and
+    ``"adapted_sinus"`` is the adapted model with the plane search
+    (:meth:`Registrar.search_plane`) applied; ``"adapted"`` stays without it.
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -86,10 +116,19 @@ def evaluate_case(
     init = None
     if use_init:
         init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
+    ct_sinus = us_sinus = None
+    if sinus:
+        labels = sitk.ReadImage(str(case / "labels.nii.gz"))
+        inside = np.isin(sitk.GetArrayFromImage(labels), SINUS_LABELS).astype(np.uint8)
+        ct_sinus = sitk.GetImageFromArray(inside)
+        ct_sinus.CopyInformation(labels)
+        us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
+        us_sinus = np.isin(us_labels, SINUS_LABELS).astype(np.uint8)
     registrar = Registrar(
         ct,
         model,
         ct_mask=ct_mask if with_masks else None,
+        ct_sinus_mask=ct_sinus,
         device="cpu",
         kidney=info["kidney"],
         refinements=refinements,
@@ -97,7 +136,9 @@ def evaluate_case(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = registrar.prepare(sequence, us_masks if with_masks else None)
+        prepared = registrar.prepare(
+            sequence, us_masks if with_masks else None, sinus_masks=us_sinus
+        )
 
     def register(stage: str) -> None:
         registrar.refinements = refinements
@@ -114,9 +155,14 @@ def evaluate_case(
     seconds = 0.0
     if adapt:
         started = time.perf_counter()
-        record = registrar.adapt(prepared, anchor_weight=anchor)
+        record = registrar.adapt(prepared, anchor_weight=anchor, plane_search=False)
         seconds = time.perf_counter() - started
         register("adapted")
+        if sinus:
+            search = registrar.search_plane(prepared)
+            poses["adapted_sinus"] = registrar.register(prepared)
+            registrar.plane_search = None
+            plane = {**search.offset.to_dict(), "seconds": search.seconds}
         frames = np.arange(record.frame_range[1], sequence.n_frames)
         for weight in also_anchors:
             registrar.reset()
@@ -128,20 +174,37 @@ def evaluate_case(
         "frames": [int(frames[0]), int(frames[-1])],
         "adapt_s": seconds,
     }
+    if sinus and adapt:
+        row["plane_search"] = plane
+    # The TRE's point: each scored frame's U/S kidney centroid (mm), frames without kidney skipped.
+    visible = np.array([us_masks[k].sum() > 0 for k in range(sequence.n_frames)])
+    scored = frames[visible[frames]]
+    centres = np.zeros((sequence.n_frames, 2))
+    for k in scored:
+        rows_, cols_ = np.nonzero(us_masks[k])
+        centres[k] = [cols_.mean() * sequence.pixel_size[0], rows_.mean() * sequence.pixel_size[1]]
     for name, result in poses.items():
         matrices = initial if result is None else result.matrices
         values = evaluate_frames(ct_mask, us_masks, sequence.pixel_size, matrices, truth).values
         row[name] = _scores(values, frames)
         axes = axis_errors_deg(np.asarray(matrices)[frames], np.asarray(truth)[frames])
         row[name].update(zip(AXIS_METRICS, map(float, axes.mean(axis=0)), strict=True))
+        offsets = axis_offsets_mm(
+            np.asarray(matrices)[scored], np.asarray(truth)[scored], centres[scored]
+        )
+        row[name].update(
+            zip(OFFSET_METRICS[:3], map(float, np.abs(offsets).mean(axis=0)), strict=True)
+        )
+        row[name][OFFSET_METRICS[3]] = float(offsets[:, 2].mean())
     return row
 
 
 def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
         "| group | cases | method | TRE (mm) | MCD CT-CT (mm) | HD CT-CT (mm) "
-        "| plane angle (deg) | tilt about u (deg) | tilt about v (deg) | in-plane (deg) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| plane angle (deg) | tilt about u (deg) | tilt about v (deg) | in-plane (deg) "
+        "| TRE along u (mm) | along v (mm) | along w (mm) | w signed (mm) |",
+        "|" + " --- |" * 14,
     ]
     for group in ("A", "B", "all"):
         chosen = [r for r in rows if group in ("all", r["group"])]
@@ -149,8 +212,8 @@ def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
             continue
         for method in methods:
             cells = []
-            for metric in METRICS + AXIS_METRICS:
-                values = np.array([r[method][metric] for r in chosen])
+            for metric in METRICS + AXIS_METRICS + OFFSET_METRICS:
+                values = np.array([r[method].get(metric, np.nan) for r in chosen])
                 cells.append(f"{values.mean():.2f} ± {values.std():.2f}")
             lines.append(f"| {group} | {len(chosen)} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -190,6 +253,11 @@ def main() -> None:
         default=None,
         help="also register with this many passes (same adaptation), e.g. 0",
     )
+    parser.add_argument(
+        "--sinus",
+        action="store_true",
+        help="renal-sinus masks from the label maps: also the plane search after adaptation",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -208,14 +276,15 @@ def main() -> None:
                 also_anchors=args.also_anchor,
                 use_init=args.init,
                 also_refinements=args.also_refinements,
+                sinus=args.sinus,
             )
             rows.append(row)
             print(
                 f"{case} ({row['group']}): TRE "
-                + ", ".join(f"{m} {row[m]['tre']:.2f}" for m in row if isinstance(row[m], dict)),
+                + ", ".join(f"{m} {row[m]['tre']:.2f}" for m in row if _is_method(row[m])),
                 flush=True,
             )
-    methods = [m for m in rows[0] if isinstance(rows[0][m], dict)] if rows else []
+    methods = [m for m in rows[0] if _is_method(rows[0][m])] if rows else []
     passes = "auto" if args.refinements is None else args.refinements
     print(f"\nmodel {model.source}, features {args.features}, refinements {passes}\n")
     print(_table(rows, methods))

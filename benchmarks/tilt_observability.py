@@ -17,7 +17,14 @@ tilt, how well the CT plane still matches the U/S frame by:
 * ``mind``: mean absolute MIND difference inside the U/S kidney between the B-mode window and the
   kidney-masked CT (the paper's image term; lower is better),
 * ``mind fan``: the same difference over the whole fan against the unmasked CT (the anatomy
-  around the kidney included).
+  around the kidney included),
+* ``lc2 fan``, ``lc2 kidney``: LC2 (Wein et al., 2008, the classic CT-U/S similarity: how much of
+  the B-mode's local variance a linear combination of CT intensity and CT gradient magnitude
+  explains) between the B-mode frame and the unmasked CT plane, over the fan and inside the U/S
+  kidney (higher is better).
+
+With ``--offsets`` the true plane is moved along its normal instead of tilted: positive offsets
+move it towards the CT kidney centroid (the kidney's cross-section grows), negative ones away.
 
 At tilt 0 every Dice is 1 by construction (the simulator draws the U/S labels from the CT labels
 on the true plane); what matters is how fast each score falls off with the tilt. A score that
@@ -27,7 +34,7 @@ network reads it.
 Usage::
 
     .venv/bin/python benchmarks/tilt_observability.py runs/heldout_A/case_* runs/heldout_B/case_* \
-        [--step 8] [--tilts 4 8 16] [--no-mind] [--json out.json]
+        [--step 8] [--tilts 4 8 16 | --offsets -8 -4 4 8] [--no-mind] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from kidneyreg.geometry import resample_on_frames
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.registration.mind import mind_descriptor
+from kidneyreg.registration.plane_search import PlaneOffset
 from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue
 
 STRUCTURES: dict[str, tuple[int, ...]] = {
@@ -63,6 +71,8 @@ CONTEXT: dict[str, tuple[int, ...]] = {
 _SHIFT_RADIUS = 8
 # Window of U/S frames and parallel CT planes MIND is computed on (the network's window).
 _WINDOW = 5
+# LC2 patch side in pixels.
+_LC2_PATCH = 7
 
 
 def tilted(
@@ -74,15 +84,8 @@ def tilted(
 ) -> NDArray[np.float64]:
     """``pose`` rotated in its own frame about the u then v axis through ``centre_uv`` (degrees),
     optionally moved ``normal_offset`` mm along the frame normal."""
-    a, b = np.deg2rad(about_u), np.deg2rad(about_v)
-    rot_u = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rot_v = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rotation = np.eye(4)
-    rotation[:3, :3] = rot_v @ rot_u
-    to_centre, from_centre = np.eye(4), np.eye(4)
-    to_centre[:3, 3] = [centre_uv[0], centre_uv[1], 0.0]
-    from_centre[:3, 3] = [-centre_uv[0], -centre_uv[1], normal_offset]
-    return pose @ to_centre @ rotation @ from_centre
+    offset = PlaneOffset(tilt_u_deg=about_u, tilt_v_deg=about_v, normal_mm=normal_offset)
+    return offset.apply(np.asarray(pose)[None], np.asarray(centre_uv)[None])[0]
 
 
 def _best_shift(fixed: NDArray[np.bool_], moving: NDArray[np.bool_]) -> tuple[int, int]:
@@ -112,8 +115,51 @@ def _mind(slab: NDArray[np.float32]) -> NDArray[np.float32]:
     return descriptor[0, :, :, :, 0].numpy().transpose(0, 2, 1)
 
 
-def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> dict[str, Any]:
-    """Scores per structure against the tilt magnitude (mean over +-u and +-v tilts)."""
+def _lc2(
+    us: NDArray[np.float32],
+    ct: NDArray[np.float32],
+    grad: NDArray[np.float32],
+    inside: NDArray[np.bool_],
+    size: int = _LC2_PATCH,
+) -> float:
+    """Linear correlation of linear combination (LC2): the share of the U/S intensity variance,
+    patch by patch, that a linear combination of CT intensity and CT gradient magnitude explains,
+    weighted by each patch's U/S variance (Wein et al., 2008); pixels outside ``inside`` are
+    left out of the patches and of the sum."""
+    from scipy.ndimage import uniform_filter
+
+    w = inside.astype(np.float64)
+    u, p, g = (a.astype(np.float64) * w for a in (us, ct, grad))
+    n = uniform_filter(w, size)
+    ok = n > 0.5
+    n = np.where(ok, n, 1.0)
+
+    def mean(a: NDArray[np.float64]) -> NDArray[np.float64]:
+        return uniform_filter(a, size) / n
+
+    mu, mp, mg = mean(u), mean(p), mean(g)
+    vpp = mean(p * p) - mp * mp
+    vgg = mean(g * g) - mg * mg
+    vpg = mean(p * g) - mp * mg
+    vpu = mean(p * u) - mp * mu
+    vgu = mean(g * u) - mg * mu
+    vuu = mean(u * u) - mu * mu
+    det = vpp * vgg - vpg * vpg
+    eps = 1e-6 * (np.abs(vpp * vgg).max() + 1e-12)
+    explained = (vgg * vpu * vpu - 2 * vpg * vpu * vgu + vpp * vgu * vgu) / np.maximum(det, eps)
+    explained = np.clip(explained, 0.0, vuu)
+    use = ok & inside & (vuu > 0)
+    return float(explained[use].sum() / max(vuu[use].sum(), 1e-12))
+
+
+def case_scores(
+    case: Path, tilts: list[float], step: int, with_mind: bool, *, offsets: bool = False
+) -> dict[str, Any]:
+    """Scores per structure against the tilt magnitude (mean over +-u and +-v tilts).
+
+    With ``offsets`` the ``tilts`` are signed normal offsets (mm) instead: positive moves the
+    plane towards the CT kidney centroid (its cross-section grows), negative away from it.
+    """
     labels = sitk.ReadImage(str(case / "labels.nii.gz"))
     us_image = sitk.ReadImage(str(case / "us.nii.gz"))
     pixel = tuple(float(s) for s in us_image.GetSpacing()[:2])
@@ -124,10 +170,24 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
     half = _WINDOW // 2
     frames = [k for k in range(half, len(truth) - half, step) if us_kidney[k].sum() >= 50]
     ct = read_ct(case / "ct.nii.gz") if with_mind else None
+    ct_soft = ct_grad = None
+    if ct is not None:
+        # Soft-tissue window, then the 3D gradient magnitude (what produces specular echoes).
+        ct_soft = sitk.Clamp(sitk.Cast(ct, sitk.sitkFloat32), sitk.sitkFloat32, -200.0, 300.0)
+        ct_grad = sitk.GradientMagnitudeRecursiveGaussian(ct_soft, 1.0)
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct) if ct is not None else None
     shape = us_labels.shape[1:]
     directions = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)]
-    names = (*STRUCTURES, *CONTEXT, "fan labels", "mind", "mind fan")
+    if offsets:
+        directions = [(0.0, 0.0)]
+        label_values = sitk.GetArrayViewFromImage(labels)
+        kidney_voxels = np.argwhere(np.isin(label_values, STRUCTURES["kidney"]))
+        kidney_centroid = np.array(
+            labels.TransformContinuousIndexToPhysicalPoint(
+                [float(v) for v in kidney_voxels.mean(axis=0)[::-1]]
+            )
+        )
+    names = (*STRUCTURES, *CONTEXT, "fan labels", "mind", "mind fan", "lc2 fan", "lc2 kidney")
     scores: dict[str, dict[float, float]] = {name: {} for name in names}
     for magnitude in [0.0, *tilts]:
         per_direction: dict[str, list[float]] = {name: [] for name in scores}
@@ -136,7 +196,13 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
             for k in frames:
                 rows, cols = np.nonzero(us_kidney[k])
                 centre = np.array([cols.mean() * pixel[0], rows.mean() * pixel[1]])
-                pose = tilted(truth[k], centre, du * magnitude, dv * magnitude)
+                normal = 0.0
+                if offsets:
+                    # Sign of the normal that points from the frame's kidney point to the centroid.
+                    point = truth[k] @ np.array([centre[0], centre[1], 0.0, 1.0])
+                    inward = np.sign(truth[k][:3, 2] @ (kidney_centroid - point[:3])) or 1.0
+                    normal = float(inward * magnitude)
+                pose = tilted(truth[k], centre, du * magnitude, dv * magnitude, normal)
                 ct_labels = resample_on_frames(
                     labels, pose[None], shape, pixel, interpolator="nearest"
                 )[0]
@@ -161,7 +227,7 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
                                 centre,
                                 du * magnitude,
                                 dv * magnitude,
-                                (i - half) * pixel[0],
+                                (i - half) * pixel[0] + normal,
                             )
                             for i in range(_WINDOW)
                         ]
@@ -176,6 +242,13 @@ def case_scores(case: Path, tilts: list[float], step: int, with_mind: bool) -> d
                     values["mind"].append(float(difference[:, us_kidney[k]].mean()))
                     difference = np.abs(window - _mind(hu.astype(np.float32)))
                     values["mind fan"].append(float(difference[:, fan].mean()))
+                    assert ct_soft is not None and ct_grad is not None
+                    middle = poses[half : half + 1]
+                    soft = _shift(resample_on_frames(ct_soft, middle, shape, pixel)[0], shift)
+                    grad = _shift(resample_on_frames(ct_grad, middle, shape, pixel)[0], shift)
+                    bmode = us_bmode[k]
+                    values["lc2 fan"].append(_lc2(bmode, soft, grad, fan))
+                    values["lc2 kidney"].append(_lc2(bmode, soft, grad, us_kidney[k]))
             for name in scores:
                 # A structure absent from every frame (no liver in the fan) has only NaN Dice.
                 finite = [v for v in values[name] if np.isfinite(v)]
@@ -199,17 +272,28 @@ def main() -> None:
     parser.add_argument("cases", type=Path, nargs="+")
     parser.add_argument("--step", type=int, default=8, help="use every STEP-th frame")
     parser.add_argument("--tilts", type=float, nargs="+", default=[4.0, 8.0, 16.0])
+    parser.add_argument(
+        "--offsets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="signed normal offsets (mm, + towards the kidney centroid) instead of tilts",
+    )
     parser.add_argument("--no-mind", action="store_true", help="skip the MIND term (faster)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    magnitudes = [0.0, *args.tilts]
-    header = "| case | group | score | " + " | ".join(f"{m:g} deg" for m in magnitudes) + " |"
+    perturbations = args.tilts if args.offsets is None else args.offsets
+    unit = "deg" if args.offsets is None else "mm"
+    magnitudes = [0.0, *perturbations]
+    header = "| case | group | score | " + " | ".join(f"{m:g} {unit}" for m in magnitudes) + " |"
     print(header)
     print("|" + " --- |" * (3 + len(magnitudes)))
     for case in args.cases:
-        row = case_scores(case, args.tilts, args.step, not args.no_mind)
+        row = case_scores(
+            case, perturbations, args.step, not args.no_mind, offsets=args.offsets is not None
+        )
         rows.append(row)
         for name, by_tilt in row["scores"].items():
             cells = " | ".join(f"{by_tilt[m]:.3f}" for m in magnitudes)

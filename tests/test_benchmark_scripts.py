@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 from scipy.spatial.transform import Rotation
 
+from kidneyreg.evaluation.metrics import translation_error_mm
 from kidneyreg.geometry import make_rigid, transform_points
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.pipeline import RegistrationModel
@@ -97,6 +98,26 @@ def test_axis_errors_split_a_rotation_along_the_frame_axes() -> None:
     estimated = np.stack([true[0] @ tilt_u, true[1] @ in_plane])
     errors = heldout.axis_errors_deg(estimated, true)
     np.testing.assert_allclose(errors, [[12, 0, 0], [0, 0, 5]], atol=1e-9)
+
+
+def test_axis_offsets_split_the_tre_along_the_frame_axes() -> None:
+    heldout = _load("eval_heldout")
+    tilt_observability = _load("tilt_observability")
+    true = np.stack(
+        [make_rigid(Rotation.random(random_state=s).as_matrix(), [4, -2, 7]) for s in (5, 6)]
+    )
+    centres = np.array([[30.0, 50.0], [10.0, 80.0]])
+    # Frame 0 moved 3 mm along its own normal; frame 1 tilted about its centre point, then
+    # shifted 2 mm laterally: the tilt leaves the point where it was.
+    shift_w = make_rigid(np.eye(3), [0, 0, 3])
+    tilted = tilt_observability.tilted(true[1], centres[1], 9.0, -4.0)
+    estimated = np.stack([true[0] @ shift_w, tilted @ make_rigid(np.eye(3), [2, 0, 0])])
+    offsets = heldout.axis_offsets_mm(estimated, true, centres)
+    np.testing.assert_allclose(offsets[0], [0, 0, 3], atol=1e-9)
+    assert abs(offsets[1, 0]) > 1.5 and np.linalg.norm(offsets[1]) == pytest.approx(2.0)
+    for k in range(2):
+        tre = translation_error_mm(estimated[k], true[k], centres[k])
+        assert np.linalg.norm(offsets[k]) == pytest.approx(tre)
 
 
 @pytest.mark.parametrize("structures", [("kidney",), ("kidney", "sinus")])

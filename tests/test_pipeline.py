@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from kidneyreg.pipeline import (
 from kidneyreg.preprocess import kidney_centroid
 from kidneyreg.registration import RegistrationConfig, RegistrationNet
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data
+from kidneyreg.simulate.tissues import Tissue
 
 N_FRAMES = 14
 
@@ -496,3 +498,150 @@ def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
     assert not pipeline.persistent_region(np.zeros((2, 3, 3), bool)).any()
     with pytest.raises(ValueError, match="frames, rows, cols"):
         pipeline.persistent_region(np.zeros((3, 3), bool))
+
+
+def _sinus_masks(case: SimulatedCase) -> tuple[sitk.Image, np.ndarray]:
+    """Renal-sinus masks from the simulator's labels: CT (both kidneys) and U/S frames."""
+    sinus = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
+    ct_sinus = sitk.GetImageFromArray(
+        np.isin(sitk.GetArrayFromImage(case.labels), sinus).astype(np.uint8)
+    )
+    ct_sinus.CopyInformation(case.labels)
+    return ct_sinus, np.isin(case.us_labels, sinus).astype(np.uint8)
+
+
+def test_plane_search_after_adaptation_corrects_every_frame(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    ct_sinus, us_sinus = _sinus_masks(case)
+    registrar = Registrar(
+        case.ct,
+        tiny_net(identity=False, seed=3),
+        ct_mask=case.ct_kidney_mask,
+        ct_sinus_mask=ct_sinus,
+        device="cpu",
+    )
+    # Only the scanned kidney's sinus is kept.
+    kept = sitk.GetArrayViewFromImage(registrar.ct_sinus_mask)
+    assert 0 < kept.sum() < sitk.GetArrayViewFromImage(ct_sinus).sum()
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
+    registrar.adapt(prepared, frames_idx=[4, 7], epochs=1)
+    search = registrar.plane_search
+    assert search is not None and search.frames == (4, 7)
+    assert search.score_after >= search.score_before and search.evaluations > 10
+    result = registrar.register(prepared)
+    assert result.extras["plane_search"]["offset"] == search.offset.to_dict()
+    assert result.timing["plane_search_s"] == search.seconds
+    registrar.plane_search = None
+    plain = registrar.register(prepared)
+    np.testing.assert_allclose(
+        result.matrices, search.offset.apply(plain.matrices, prepared.centroids), atol=1e-9
+    )
+    # Streaming applies the same correction.
+    registrar.plane_search = search
+    k = 6
+    frame = registrar.register_frame(
+        case.frames[k - 2 : k + 3],
+        pixel_size=(case.pixel_size, case.pixel_size),
+        masks=case.us_kidney_mask[k - 2 : k + 3],
+    )
+    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
+    # A new adaptation drops the old correction (and searches again); reset drops it too.
+    registrar.adapt(prepared, frames_idx=[5], epochs=1, plane_search=False)
+    assert registrar.plane_search is None
+    registrar.search_plane(prepared, frames_idx=[5, 6])
+    assert registrar.plane_search is not None and registrar.plane_search.frames == (5, 6)
+    registrar.reset()
+    assert registrar.plane_search is None
+
+
+def test_plane_search_refuses_missing_or_bad_sinus_masks(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    ct_sinus, us_sinus = _sinus_masks(case)
+    registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
+    with pytest.raises(ValueError, match="sinus masks of the CT"):
+        registrar.adapt(prepared, frames_idx=[4], epochs=1, plane_search=True)
+    # Without sinus masks adaptation does not search.
+    registrar.adapt(prepared, frames_idx=[4], epochs=1)
+    assert registrar.plane_search is None
+    with pytest.raises(InputError, match="U/S sinus mask: mask grid differs"):
+        registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus[1:])
+    with pytest.raises(InputError, match="empty in every frame"):
+        registrar.prepare(
+            sequence, case.us_kidney_mask, detect=False, sinus_masks=np.zeros_like(us_sinus)
+        )
+    empty = sitk.Image(ct_sinus.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ct_sinus)
+    with pytest.raises(InputError, match=r"sinus\.nii\.gz: the sinus mask is empty near the"):
+        Registrar(
+            case.ct,
+            tiny_net(),
+            ct_mask=case.ct_kidney_mask,
+            ct_sinus_mask=empty,
+            ct_sinus_mask_source="sinus.nii.gz",
+            device="cpu",
+        )
+
+
+def _constant_sinus_model(modality: str, logit: float) -> Any:
+    """A tiny sinus feature model that answers ``sigmoid(logit)`` everywhere."""
+    from kidneyreg.features.config import feature_config
+    from kidneyreg.features.infer import FeatureModel
+    from kidneyreg.features.ulbnet import ULBNet
+
+    config = feature_config(modality, "tiny", structure="sinus")
+    net = ULBNet(config).eval()
+    with torch.no_grad():
+        net.output.weight.zero_()
+        net.output.bias.fill_(logit)
+    return FeatureModel(net, config, f"{modality}_sinus.pt", torch.device("cpu"))
+
+
+def test_sinus_networks_give_the_plane_search_its_maps(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar = Registrar(
+        case.ct,
+        tiny_net(identity=False, seed=3),
+        ct_mask=case.ct_kidney_mask,
+        device="cpu",
+        ct_sinus_features=_constant_sinus_model("ct", 30.0),
+        us_sinus_features=_constant_sinus_model("us", 30.0),
+    )
+    assert registrar.sinus_networks and registrar.sinus_source_ct == "network"
+    assert registrar.ct_sinus_mask is not None
+    with pytest.warns(BreathingNotDetectedWarning):
+        prepared = registrar.prepare(sequence, case.us_kidney_mask)
+    # Everything answers "sinus": the maps are the kidney's surroundings only.
+    assert prepared.sinus is not None
+    assert not (prepared.sinus & ~_dilated(case.us_kidney_mask)).any()
+    registrar.adapt(prepared, frames_idx=[4, 7], epochs=1)
+    assert registrar.plane_search is not None
+    # A network that finds no sinus: a warning, and no search.
+    with pytest.warns(UserWarning, match="no plane search"):
+        blind = Registrar(
+            case.ct,
+            tiny_net(),
+            ct_mask=case.ct_kidney_mask,
+            device="cpu",
+            ct_sinus_features=_constant_sinus_model("ct", -30.0),
+        )
+    assert blind.ct_sinus_mask is None
+    # A kidney network is not a sinus network.
+    from kidneyreg.features.config import feature_config
+    from kidneyreg.features.infer import FeatureModel
+    from kidneyreg.features.ulbnet import ULBNet
+
+    config = feature_config("ct", "tiny")
+    kidney_model = FeatureModel(ULBNet(config).eval(), config, "ct.pt", torch.device("cpu"))
+    with pytest.raises(InputError, match="is not a sinus feature model"):
+        Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, ct_sinus_features=kidney_model)
+
+
+def _dilated(masks: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(2, 1)[None]
+    return ndimage.binary_dilation(masks != 0, structure=cross, iterations=2)

@@ -220,8 +220,16 @@ def train_features(
             "shadows, posterior enhancement).",
         ),
     ] = False,
+    structure: Annotated[
+        str,
+        typer.Option(
+            "--structure",
+            help="What to segment: kidney, or sinus (the renal sinus, from the simulator's label "
+            "maps; for the plane search). --from may start a sinus run from a kidney model.",
+        ),
+    ] = "kidney",
 ) -> None:
-    """Train the CT or U/S kidney feature network (ULBNet) on case folders."""
+    """Train the CT or U/S kidney (or renal-sinus) feature network (ULBNet) on case folders."""
     from kidneyreg.features.train import default_train_settings, export_model, train_from_folder
 
     if modality not in ("ct", "us"):
@@ -235,6 +243,8 @@ def train_features(
         raise InputError("--window", "is a positive frame count, for --modality us only")
     if lr is not None and not 0 < lr < 1:
         raise InputError("--lr", f"must be a learning rate in (0, 1), got {lr}")
+    if structure not in ("kidney", "sinus"):
+        raise InputError("--structure", f"must be kidney or sinus, got {structure!r}")
     if acoustic_bands and modality != "us":
         raise InputError("--acoustic-bands", "is a U/S augmentation, for --modality us only")
     from kidneyreg.features.ulbnet import MAX_INFERENCE_SCALE
@@ -265,6 +275,7 @@ def train_features(
         device=device,
         log=typer.echo,
         initial_weights=from_checkpoint,
+        structure=structure,
     )
     typer.echo(f"wrote {result.checkpoint}, {result.best} and {result.log}")
     if export is not None:
@@ -494,6 +505,40 @@ _UsMaskOption = Annotated[
     Path | None,
     typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
 ]
+_CtSinusMaskOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ct-sinus-mask",
+        help="CT renal-sinus mask (sinus fat + collecting system); with --us-sinus-mask, a "
+        "plane search on kidney and sinus overlap follows the adaptation.",
+    ),
+]
+_UsSinusMaskOption = Annotated[
+    Path | None,
+    typer.Option("--us-sinus-mask", help="U/S renal-sinus masks (with --ct-sinus-mask)."),
+]
+_SinusNetworksOption = Annotated[
+    bool,
+    typer.Option(
+        "--sinus-networks/--no-sinus-networks",
+        help="Renal-sinus maps from feature networks where no sinus mask is given, for the plane "
+        "search after adaptation.",
+    ),
+]
+_CtSinusFeaturesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ct-sinus-features",
+        help="CT sinus feature network (default: the bundled one; implies --sinus-networks).",
+    ),
+]
+_UsSinusFeaturesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--us-sinus-features",
+        help="U/S sinus feature network (default: the bundled one; implies --sinus-networks).",
+    ),
+]
 _UsSpacingOption = Annotated[
     float | None,
     typer.Option("--us-spacing", help="U/S pixel size in mm (video/PNG/uncalibrated DICOM)."),
@@ -538,6 +583,10 @@ def _registrar_inputs(
     profile: str | None,
     kidney: str,
     refinements: int | None = None,
+    ct_sinus_mask: Path | None = None,
+    sinus_networks: bool = False,
+    ct_sinus_features: Path | None = None,
+    us_sinus_features: Path | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Read every input and build the registrar: ``(registrar, ct image, sequence, us masks)``.
 
@@ -559,6 +608,9 @@ def _registrar_inputs(
     reg_model = load_registration_model(model, profile=profile)
     ct_image = read_ct(ct)
     ct_kidney = None if ct_mask is None else read_mask(ct_mask, ct_image, kind="kidney mask")
+    ct_sinus = (
+        None if ct_sinus_mask is None else read_mask(ct_sinus_mask, ct_image, kind="sinus mask")
+    )
     sequence = read_us_sequence(us, spacing=us_spacing, min_frames=int(reg_model.profile.window))
     masks = None if us_mask is None else read_us_mask(us_mask, sequence)
     init_poses = None
@@ -576,6 +628,11 @@ def _registrar_inputs(
         refinements=refinements,
         ct_source=str(ct),
         ct_mask_source=str(ct_mask),
+        ct_sinus_mask=ct_sinus,
+        ct_sinus_mask_source=str(ct_sinus_mask),
+        sinus_networks=sinus_networks,
+        ct_sinus_features=ct_sinus_features,
+        us_sinus_features=us_sinus_features,
         log=typer.echo,
     )
     return registrar, ct_image, sequence, masks
@@ -630,6 +687,11 @@ def register(
         Path | None,
         typer.Option("--model", help="Registration checkpoint (default: the bundled model)."),
     ] = None,
+    ct_sinus_mask: _CtSinusMaskOption = None,
+    us_sinus_mask: _UsSinusMaskOption = None,
+    sinus_networks: _SinusNetworksOption = False,
+    ct_sinus_features: _CtSinusFeaturesOption = None,
+    us_sinus_features: _UsSinusFeaturesOption = None,
     ct_features: _CtFeaturesOption = None,
     us_features: _UsFeaturesOption = None,
     no_adapt: Annotated[
@@ -662,9 +724,16 @@ def register(
     """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
     from tqdm import tqdm
 
+    from kidneyreg.io.us import read_us_mask
     from kidneyreg.results import write_registration_outputs
 
     _check_adapt_options(adapt_strategy, adapt_epochs, anchor, prefix="adapt-")
+    with_networks = sinus_networks or ct_sinus_features or us_sinus_features
+    if (ct_sinus_mask is None) != (us_sinus_mask is None) and not with_networks:
+        given = "--ct-sinus-mask" if ct_sinus_mask is not None else "--us-sinus-mask"
+        raise InputError(
+            given, "needs its counterpart (--ct-sinus-mask and --us-sinus-mask) or --sinus-networks"
+        )
     with _one_line_warnings():
         registrar, ct_image, sequence, masks = _registrar_inputs(
             ct=ct,
@@ -680,10 +749,20 @@ def register(
             profile=profile,
             kidney=kidney,
             refinements=refinements,
+            ct_sinus_mask=ct_sinus_mask,
+            sinus_networks=sinus_networks,
+            ct_sinus_features=ct_sinus_features,
+            us_sinus_features=us_sinus_features,
         )
-        prepared = registrar.prepare(sequence, masks)
+        us_sinus = None if us_sinus_mask is None else read_us_mask(us_sinus_mask, sequence)
+        prepared = registrar.prepare(
+            sequence, masks, sinus_masks=us_sinus, sinus_source=str(us_sinus_mask)
+        )
         if not no_adapt:
+            # With sinus masks on both sides the adaptation ends with the plane search.
             _adapt_with_progress(registrar, prepared, adapt_strategy, adapt_epochs, anchor)
+        elif registrar.ct_sinus_mask is not None and prepared.sinus is not None:
+            registrar.search_plane(prepared)
         with tqdm(total=sequence.n_frames, desc="register", unit="frame") as bar:
             result = registrar.register(
                 prepared, progress=lambda done, _n: bar.update(done - bar.n)

@@ -96,6 +96,7 @@ from kidneyreg.registration.config import RegistrationConfig
 from kidneyreg.registration.loss import fim_loss, motion_loss
 from kidneyreg.registration.network import RegistrationNet
 from kidneyreg.registration.pairs import sample_grid, smooth_ct_feature, smooth_us_features
+from kidneyreg.registration.plane_search import PlaneSearchResult, search_plane_offset
 from kidneyreg.registration.transformer import embed_window
 from kidneyreg.results import RegistrationResult
 
@@ -106,6 +107,7 @@ __all__ = [
     "ADAPTED_REFINEMENTS",
     "FEATURE_THRESHOLD",
     "KIDNEY_CHOICES",
+    "PLANE_SEARCH_FRAMES",
     "PRETRAINED_REFINEMENTS",
     "FrameRegistration",
     "KidneyChoice",
@@ -160,6 +162,16 @@ REFINEMENT_REUSE_MM = 2.0
 REFINEMENT_REUSE_DEG = 2.0
 # Refinement volumes kept for reuse (the most recent are searched first).
 _REFINED_CACHE = 4
+#: Most frames of the adaptation cycle the plane search scores (evenly spread over the cycle):
+#: its cost grows with them, and a breathing cycle's frames show nearly the same sections.
+PLANE_SEARCH_FRAMES = 24
+# Margin (mm) around the chosen kidney's bounding box within which the CT sinus mask is kept (a
+# mask of both kidneys' sinuses keeps the scanned one's).
+_SINUS_MARGIN_MM = 10.0
+_PLANE_SEARCH_NEEDS = (
+    "the plane search needs renal-sinus masks of the CT (Registrar(ct_sinus_mask=...)) and of "
+    "the U/S frames (prepare(sinus_masks=...))"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +452,9 @@ class PreparedSequence:
         feature_source: ``"masks"`` or ``"network"``.
         cycles: Breathing cycles, or None when not detected (streaming windows).
         seconds: Preparation time.
+        sinus: uint8 ``(n, rows, cols)`` renal-sinus masks (given, or from the U/S sinus
+            network), or None.
+        sinus_source: ``"masks"``, ``"network"`` or None (no sinus maps).
         warnings: Warnings raised while preparing (breathing not detected...).
         source: Where the frames came from.
     """
@@ -456,6 +471,8 @@ class PreparedSequence:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     source: str = "<memory>"
+    sinus: NDArray[np.uint8] | None = None
+    sinus_source: str | None = None
     _filtered: dict[float, tuple[NDArray[np.float32], NDArray[np.float32]]] = field(
         default_factory=dict, repr=False
     )
@@ -668,6 +685,11 @@ class Registrar:
             or None for the bundled model of ``profile``. The network is copied: adaptation
             never changes the caller's object.
         ct_mask: Kidney mask on the CT grid; None uses the CT feature network.
+        ct_sinus_mask: Renal-sinus mask (sinus fat and collecting system) on the CT grid, or None.
+            With U/S sinus masks given to :meth:`prepare`, :meth:`adapt` ends with a search of
+            one plane correction that makes the kidney and sinus sections overlap the U/S maps
+            best (:meth:`search_plane`): the sinus pins down the plane's out-of-plane position,
+            which the kidney outline cannot.
         ct_features: CT feature network (loaded model or checkpoint) when ``ct_mask`` is None;
             None: the bundled one.
         us_features: U/S feature network for sequences given without masks; None: the bundled
@@ -686,6 +708,14 @@ class Registrar:
             :data:`ADAPTED_REFINEMENTS` (see :attr:`refinements`).
         ct_source: Name of the CT (file) in messages.
         ct_mask_source: Name of the CT mask (file) in messages.
+        ct_sinus_mask_source: Name of the CT sinus mask (file) in messages.
+        sinus_networks: Renal-sinus maps from feature networks where no sinus mask is given
+            (the CT's here, the sequence's in :meth:`prepare`), so that adaptation ends with the
+            plane search without any sinus mask. Implied by ``ct_sinus_features`` or
+            ``us_sinus_features``.
+        ct_sinus_features: CT sinus feature network (loaded model or checkpoint); None: the
+            bundled one.
+        us_sinus_features: U/S sinus feature network; None: the bundled one.
         log: Called with one-line progress messages.
 
     Raises:
@@ -714,6 +744,11 @@ class Registrar:
         refinements: int | None = None,
         ct_source: str = "CT",
         ct_mask_source: str = "CT kidney mask",
+        ct_sinus_mask: sitk.Image | None = None,
+        ct_sinus_mask_source: str = "CT sinus mask",
+        sinus_networks: bool = False,
+        ct_sinus_features: FeatureModel | str | Path | None = None,
+        us_sinus_features: FeatureModel | str | Path | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         started = time.perf_counter()
@@ -778,6 +813,36 @@ class Registrar:
             empty=empty,
         )
         self.ct_kidney_mask = self.kidney.mask
+        self.sinus_networks = bool(
+            sinus_networks or ct_sinus_features is not None or us_sinus_features is not None
+        )
+        self._us_sinus_arg = us_sinus_features
+        self._us_sinus_model: FeatureModel | None = None
+        #: The chosen kidney's sinus on the CT grid (uint8), or None.
+        self.ct_sinus_mask: sitk.Image | None = None
+        #: Where the CT sinus came from: ``"masks"``, ``"network"`` or None (no sinus).
+        self.sinus_source_ct: str | None = None
+        if ct_sinus_mask is not None:
+            self.ct_sinus_mask = self._kidney_sinus(ct_sinus_mask, ct, ct_sinus_mask_source)
+            self.sinus_source_ct = "masks"
+        elif self.sinus_networks:
+            from kidneyreg.features.infer import predict_ct
+
+            self._log("CT sinus feature map (feature network)")
+            sinus_model = self._feature_model(ct_sinus_features, "ct", "sinus")
+            binary_sinus = sitk.Cast(
+                # Not cleaned as a kidney: the sinus is small; _kidney_sinus keeps the near one.
+                predict_ct(sinus_model, ct, clean=False) >= FEATURE_THRESHOLD,
+                sitk.sitkUInt8,
+            )
+            try:
+                self.ct_sinus_mask = self._kidney_sinus(binary_sinus, ct, sinus_model.source)
+                self.sinus_source_ct = "network"
+            except InputError as error:
+                warnings.warn(f"no plane search: {error}", stacklevel=2)
+        #: The plane correction found after adaptation (:meth:`search_plane`), applied to every
+        #: registered frame; None: none.
+        self.plane_search: PlaneSearchResult | None = None
         self._log(
             f"CT kidney: {self.kidney.side} ({self.kidney.reason}), centroid "
             + ", ".join(f"{v:.1f}" for v in self.kidney.centroid)
@@ -825,26 +890,36 @@ class Registrar:
         return load_registration_model(model, profile=name, device="cpu")
 
     def _feature_model(
-        self, model: FeatureModel | str | Path | None, modality: str
+        self, model: FeatureModel | str | Path | None, modality: str, structure: str = "kidney"
     ) -> FeatureModel:
         from kidneyreg.features.infer import FeatureModel, bundled_model_path, load_feature_model
 
         if isinstance(model, FeatureModel):
             if model.modality != modality:
                 raise InputError(model.source, f"is not a {modality.upper()} feature model")
+            if model.config.structure != structure:
+                raise InputError(model.source, f"is not a {structure} feature model")
             return model
-        option = "--ct-features" if modality == "ct" else "--us-features"
-        mask_option = "--ct-mask" if modality == "ct" else "--us-mask"
-        if model is None and not bundled_model_path(modality, self.profile.name).is_file():
+        kind = "" if structure == "kidney" else f"{structure}-"
+        option = f"--{modality}-{kind}features"
+        mask_option = f"--{modality}-{kind}mask"
+        if (
+            model is None
+            and not bundled_model_path(modality, self.profile.name, structure).is_file()
+        ):
             raise InputError(
                 option,
-                f"no bundled {modality.upper()} feature model for profile {self.profile.name!r}: "
-                f"train one with `kidneyreg train-features --modality {modality} --data DIR "
-                f"--out {modality}.pt --profile {self.profile.name}` and pass it with {option}, "
-                f"or give {mask_option}",
+                f"no bundled {modality.upper()} {structure} feature model for profile "
+                f"{self.profile.name!r}: train one with `kidneyreg train-features --modality "
+                f"{modality} --structure {structure} --data DIR --out {modality}.pt --profile "
+                f"{self.profile.name}` and pass it with {option}, or give {mask_option}",
             )
         return load_feature_model(
-            model, modality=modality, profile=self.profile.name, device=self.device
+            model,
+            modality=modality,
+            profile=self.profile.name,
+            device=self.device,
+            structure=structure,
         )
 
     def _probe_position(self) -> NDArray[np.float64] | None:
@@ -937,12 +1012,57 @@ class Registrar:
         self._refinements = None if value is None else int(value)
 
     def reset(self) -> None:
-        """Restore the pretrained weights (undo :meth:`adapt`)."""
+        """Restore the pretrained weights (undo :meth:`adapt` and its plane search)."""
         self.net.load_state_dict(self._pretrained_state)
         self.net.eval()
         self.adaptation = None
+        self.plane_search = None
+
+    def _kidney_sinus(self, mask: sitk.Image, ct: sitk.Image, source: str) -> sitk.Image:
+        """The sinus mask on the CT grid, kept near the chosen kidney, as uint8."""
+        if not isinstance(mask, sitk.Image) or mask.GetDimension() != 3:
+            raise TypeError("ct_sinus_mask must be a 3D SimpleITK image")
+        if mask.GetSize() != ct.GetSize():
+            raise InputError(
+                source, f"mask grid differs from the CT: {mask.GetSize()} vs {ct.GetSize()}"
+            )
+        values = sitk.GetArrayFromImage(mask) != 0
+        kidney = sitk.GetArrayViewFromImage(self.kidney.mask) != 0
+        margin = np.ceil(_SINUS_MARGIN_MM / np.asarray(ct.GetSpacing())[::-1]).astype(int)
+        near = np.zeros_like(values)
+        where = np.argwhere(kidney)
+        low = np.maximum(where.min(axis=0) - margin, 0)
+        high = where.max(axis=0) + margin + 1
+        near[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = True
+        values &= near
+        if not values.any():
+            raise InputError(source, f"the sinus mask is empty near the {self.kidney.side} kidney")
+        out = sitk.GetImageFromArray(values.astype(np.uint8))
+        out.CopyInformation(ct)
+        return out
 
     # -- U/S side -------------------------------------------------------------------------------
+
+    def _us_sinus(
+        self, sequence: UltrasoundSequence, kidney: NDArray[Any]
+    ) -> NDArray[np.uint8] | None:
+        """The U/S sinus network's masks, kept inside the kidney (the sinus is part of it)."""
+        from kidneyreg.features.infer import predict_us
+
+        if self._us_sinus_model is None:
+            self._log("U/S sinus feature maps (feature network)")
+            self._us_sinus_model = self._feature_model(self._us_sinus_arg, "us", "sinus")
+        model = self._us_sinus_model
+        probabilities = predict_us(model, sequence, stride=int(model.config.window))
+        inside = ndimage.binary_dilation(kidney != 0, structure=_IN_PLANE_CROSS, iterations=2)
+        sinus = ((probabilities >= FEATURE_THRESHOLD) & inside).astype(np.uint8)
+        if not sinus.any():
+            warnings.warn(
+                f"no plane search: the U/S sinus map is empty in every frame of {sequence.source}",
+                stacklevel=3,
+            )
+            return None
+        return sinus
 
     def _us_model_loaded(self) -> FeatureModel:
         if self._us_model is None:
@@ -957,6 +1077,8 @@ class Registrar:
         *,
         detect: bool = True,
         mask_source: str = "U/S kidney mask",
+        sinus_masks: ArrayLike | None = None,
+        sinus_source: str = "U/S sinus mask",
     ) -> PreparedSequence:
         """Feature maps, kidney centroids and breathing cycles of a sequence.
 
@@ -966,6 +1088,9 @@ class Registrar:
             detect: Detect breathing cycles (a :class:`BreathingNotDetectedWarning` falls back to
                 fixed-length cycles); False for short streaming windows.
             mask_source: Name of the masks in messages.
+            sinus_masks: ``(n, rows, cols)`` renal-sinus masks (for :meth:`search_plane`), or
+                None.
+            sinus_source: Name of the sinus masks in messages.
 
         Raises:
             InputError: Fewer frames than the window, masks of another shape, no kidney in any
@@ -1025,6 +1150,19 @@ class Registrar:
             fringe = ndimage.binary_dilation(binary, structure=_IN_PLANE_CROSS, iterations=2)
             features = features * fringe
             source = "network"
+        sinus = None
+        if sinus_masks is not None:
+            sinus = (np.asarray(sinus_masks) != 0).astype(np.uint8)
+            if sinus.shape != sequence.shape:
+                raise InputError(
+                    sinus_source,
+                    f"mask grid differs from the U/S sequence: {sinus.shape} vs "
+                    f"{sequence.shape} (frames, rows, cols)",
+                )
+            if not sinus.any():
+                raise InputError(sinus_source, "the sinus mask is empty in every frame")
+        elif self.sinus_networks and self.ct_sinus_mask is not None and detect:
+            sinus = self._us_sinus(sequence, binary)
         centroids, visible = _frame_centroids(binary, pixel_size)
         if not visible.any():
             where = mask_source if user_masks is not None else sequence.source
@@ -1061,6 +1199,10 @@ class Registrar:
             seconds=time.perf_counter() - started,
             warnings=caught,
             source=sequence.source,
+            sinus=sinus,
+            sinus_source=None
+            if sinus is None
+            else ("masks" if sinus_masks is not None else "network"),
         )
 
     def _prepared(
@@ -1263,6 +1405,7 @@ class Registrar:
         seed: int = 0,
         anchor_weight: float | None = None,
         progress: Callable[[int, int, float], None] | None = None,
+        plane_search: bool | None = None,
     ) -> AdaptationRecord:
         """Fine-tune the model on windows of the sequence's first breathing cycle (unsupervised).
 
@@ -1282,6 +1425,9 @@ class Registrar:
                 maps are both given masks, :data:`~kidneyreg.adapt.DEFAULT_ANCHOR_WEIGHT` when
                 a feature network made either.
             progress: Called after every step with ``(step, total, loss)``.
+            plane_search: Then search one plane correction on the adapted model's estimates
+                (:meth:`search_plane`). None: when sinus masks were given for the CT and the
+                sequence.
 
         Returns:
             The record (also kept as :attr:`adaptation`).
@@ -1297,6 +1443,11 @@ class Registrar:
         started = time.perf_counter()
         check_strategy(strategy)
         prepared = self._prepared(sequence, masks)
+        with_sinus = self.ct_sinus_mask is not None and prepared.sinus is not None
+        if plane_search and not with_sinus:
+            raise ValueError(_PLANE_SEARCH_NEEDS)
+        # A correction found for the previous weights does not belong to the adapted ones.
+        self.plane_search = None
         n = prepared.n_frames
         cycle: tuple[int, int] | None = None
         if frames_idx is None:
@@ -1355,7 +1506,99 @@ class Registrar:
             epoch_losses=log.epoch_losses,
             anchor_weight=float(anchor_weight),
         )
+        if with_sinus if plane_search is None else plane_search:
+            self.search_plane(prepared)
         return self.adaptation
+
+    def search_plane(
+        self,
+        sequence: UltrasoundSequence | PreparedSequence,
+        masks: ArrayLike | None = None,
+        *,
+        frames_idx: Sequence[int] | None = None,
+    ) -> PlaneSearchResult:
+        """Search one plane correction, common to every frame, on kidney and sinus overlap.
+
+        The current model registers the frames (at most :data:`PLANE_SEARCH_FRAMES`, spread
+        evenly over them); then :func:`~kidneyreg.registration.plane_search.search_plane_offset`
+        finds the tilt, normal offset and in-plane shift (in each frame's axes, about its U/S
+        kidney centroid) that make the CT kidney and sinus sections overlap the U/S masks best.
+        :meth:`register` and :meth:`register_frame` then apply it to every frame, until the next
+        :meth:`adapt` or :meth:`reset`.
+
+        Args:
+            sequence: The sequence (or a :meth:`prepare` result, with sinus masks).
+            masks: U/S kidney masks when ``sequence`` is not prepared.
+            frames_idx: Frames to score; None: the adaptation's cycle (or its frames), else the
+                first detected breathing cycle.
+
+        Returns:
+            The search result (also kept as :attr:`plane_search`).
+
+        Raises:
+            ValueError: No sinus masks for the CT or the sequence, or no breathing cycles.
+            InputError: Frame indices outside the sequence or no kidney in those frames.
+
+        Example:
+            >>> prepared = registrar.prepare(seq, masks, sinus_masks=sinus)  # doctest: +SKIP
+            >>> registrar.search_plane(prepared).offset.normal_mm  # doctest: +SKIP
+            -6.0
+        """
+        prepared = self._prepared(sequence, masks)
+        if self.ct_sinus_mask is None or prepared.sinus is None:
+            raise ValueError(_PLANE_SEARCH_NEEDS)
+        n = prepared.n_frames
+        record = self.adaptation
+        if frames_idx is not None:
+            frames = np.asarray(list(frames_idx), dtype=np.int64)
+            if frames.size == 0 or frames.min() < 0 or frames.max() >= n:
+                raise InputError(
+                    "plane search frames", f"must be frame indices within 0..{n - 1}, got {frames}"
+                )
+        elif record is not None and record.cycle is not None and record.cycle[1] <= n:
+            frames = np.arange(*record.cycle)
+        elif record is not None and max(record.frames) < n:
+            frames = np.asarray(record.frames, dtype=np.int64)
+        else:
+            if prepared.cycles is None:
+                raise ValueError(
+                    "the plane search needs the breathing cycles: prepare with detect=True"
+                )
+            frames = first_cycle_frames(prepared.cycles, n)
+        frames = frames[prepared.visible[frames]]
+        if frames.size == 0:
+            raise InputError(prepared.source, "no kidney in the frames of the plane search")
+        if frames.size > PLANE_SEARCH_FRAMES:
+            spread = np.linspace(0, frames.size - 1, PLANE_SEARCH_FRAMES).round().astype(int)
+            frames = frames[spread]
+        self.plane_search = None  # score the model's own estimates
+        self._refined.clear()
+        estimates = np.concatenate(
+            [
+                self._infer_refined(
+                    self._batch(prepared, frames[i : i + self.batch_size].tolist())
+                )[0]
+                for i in range(0, frames.size, self.batch_size)
+            ]
+        )
+        result = search_plane_offset(
+            [self.ct_kidney_mask, self.ct_sinus_mask],
+            [prepared.kidney_masks()[frames], prepared.sinus[frames]],
+            estimates,
+            prepared.centroids[frames],
+            prepared.pixel_size,
+            frames=frames.tolist(),
+            structures=("kidney", "sinus"),
+        )
+        offset = result.offset
+        self._log(
+            f"plane search on {frames.size} frames: tilt {offset.tilt_u_deg:+.1f} / "
+            f"{offset.tilt_v_deg:+.1f} deg, normal {offset.normal_mm:+.1f} mm, shift "
+            f"{offset.shift_u_mm:+.1f} / {offset.shift_v_mm:+.1f} mm (overlap "
+            f"{result.score_before:.3f} -> {result.score_after:.3f})"
+        )
+        self.plane_search = result
+        return result
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -1402,12 +1645,15 @@ class Registrar:
                 terms.setdefault(name, []).append(value)
             if progress is not None:
                 progress(first + len(centres), n)
+        if self.plane_search is not None:
+            matrices = self.plane_search.offset.apply(matrices, prepared.centroids)
         seconds = time.perf_counter() - started
         record = self.adaptation
         timing = {
             "ct_preparation_s": self.ct_seconds,
             "us_preparation_s": prepared.seconds,
             "adaptation_s": 0.0 if record is None else record.seconds,
+            "plane_search_s": 0.0 if self.plane_search is None else self.plane_search.seconds,
             "registration_s": seconds,
             "ms_per_frame": 1000.0 * (prepared.seconds + seconds) / n,
             "network_ms_per_frame": 1000.0 * seconds / n,
@@ -1424,6 +1670,11 @@ class Registrar:
             extras["cycles"] = prepared.cycles.to_dict()
         if record is not None:
             extras["adaptation_record"] = record.to_dict()
+        if self.plane_search is not None:
+            extras["plane_search"] = {
+                **self.plane_search.to_dict(),
+                "sinus_source": {"ct": self.sinus_source_ct, "us": prepared.sinus_source},
+            }
         return RegistrationResult(
             matrices=matrices,
             initial_matrices=self.initial_alignment(prepared),
@@ -1495,6 +1746,8 @@ class Registrar:
             P[None],
         )
         matrices, values = self._infer_refined(batch)
+        if self.plane_search is not None:
+            matrices = self.plane_search.offset.apply(matrices, prepared.centroids[nw // 2][None])
         return FrameRegistration(
             matrix=matrices[0],
             initial_matrix=self.grids[grid_id].to_world_matrix(P),

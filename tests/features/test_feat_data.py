@@ -247,3 +247,54 @@ def test_us_case_keeps_the_tissue_map_and_patches_get_tissue_gains(tmp_path: Pat
     (folder / "us_labels.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(InputError, match=r"us_labels\.nii\.gz: unreadable U/S tissue label map"):
         load_case(files, config)
+
+
+def test_sinus_networks_learn_the_sinus_of_the_label_maps(tmp_path: Path) -> None:
+    """``structure="sinus"``: the target is the sinus labels, on the CT grid and on the frames."""
+    folder = write_ct_case(tmp_path / "ct" / "case_000")
+    ct = sitk.ReadImage(str(folder / "ct.nii.gz"))
+    kidney = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ct_kidney_mask.nii.gz"))) > 0
+    # The sinus: the kidney's voxels within 60 % of its extent around the centre.
+    centre = np.argwhere(kidney).mean(axis=0)
+    half = (np.argwhere(kidney).max(axis=0) - np.argwhere(kidney).min(axis=0)) / 2
+    grid = np.indices(kidney.shape).transpose(1, 2, 3, 0)
+    sinus = kidney & (np.abs(grid - centre) < 0.6 * half).all(axis=-1)
+    labels = np.where(kidney, int(Tissue.CORTEX), int(Tissue.FAT))
+    labels[sinus] = int(Tissue.SINUS_FAT)
+    image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    image.CopyInformation(ct)
+    sitk.WriteImage(image, str(folder / "labels.nii.gz"))
+    (files,) = find_cases(tmp_path / "ct", "ct")
+    kidney_case = load_case(files, feature_config("ct", "tiny"))
+    sinus_case = load_case(files, feature_config("ct", "tiny", structure="sinus"))
+    assert 0 < sinus_case.mask.sum() < 0.6 * kidney_case.mask.sum()
+    assert sinus_case.tissues is not None
+    np.testing.assert_array_equal(sinus_case.mask, sinus_case.tissues == int(Tissue.SINUS_FAT))
+    # U/S: the collecting system counts as sinus too.
+    us_folder = write_us_case(tmp_path / "us" / "case_000")
+    us_kidney = sitk.ReadImage(str(us_folder / "us_kidney_mask.nii.gz"))
+    values = sitk.GetArrayFromImage(us_kidney)
+    us_labels = np.where(values > 0, int(Tissue.CORTEX), int(Tissue.LIVER)).astype(np.uint8)
+    rows = np.nonzero(values.any(axis=(0, 2)))[0]
+    middle = rows[len(rows) // 2]
+    us_labels[:, middle - 1 : middle + 2][values[:, middle - 1 : middle + 2] > 0] = int(
+        Tissue.COLLECTING
+    )
+    written = sitk.GetImageFromArray(us_labels)
+    written.CopyInformation(us_kidney)
+    sitk.WriteImage(written, str(us_folder / "us_labels.nii.gz"))
+    (us_files,) = find_cases(tmp_path / "us", "us")
+    us_case = load_case(us_files, feature_config("us", "tiny", window=3, structure="sinus"))
+    assert us_case.tissues is not None and us_case.mask.any()
+    np.testing.assert_array_equal(us_case.mask, us_case.tissues == int(Tissue.COLLECTING))
+    # Without label maps there is no sinus target.
+    (us_folder / "us_labels.nii.gz").unlink()
+    (us_files,) = find_cases(tmp_path / "us", "us")
+    with pytest.raises(InputError, match="tissue label maps"):
+        load_case(us_files, feature_config("us", "tiny", window=3, structure="sinus"))
+    with pytest.raises(ValueError, match="structure must be one of"):
+        feature_config("ct", "tiny", structure="liver")
+    # Checkpoints written before the option rebuild as kidney networks.
+    saved = feature_config("ct", "tiny").to_dict()
+    del saved["structure"]
+    assert type(feature_config("ct", "tiny")).from_dict(saved).structure == "kidney"

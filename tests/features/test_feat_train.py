@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,19 @@ def test_training_can_start_from_given_weights(tmp_path: Path) -> None:
         train_feature_net(
             config, train, val, zero, tmp_path / "c.pt", progress=False, initial_weights=other.best
         )
+    # A kidney model starts a sinus model (same network, another target).
+    sinus = train_feature_net(
+        dataclasses.replace(config, structure="sinus"),
+        train,
+        val,
+        zero,
+        tmp_path / "sinus.pt",
+        progress=False,
+        initial_weights=first.best,
+    )
+    assert sinus.net.config.structure == "sinus"
+    for key, value in _state(sinus.net).items():
+        assert torch.allclose(value, start[key], atol=1e-6), key
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:

@@ -22,6 +22,7 @@ from kidneyreg.profiles import get_profile
 
 __all__ = [
     "BASE_WIDTHS",
+    "FEATURE_STRUCTURES",
     "MODALITIES",
     "PAPER_CT_PATCH",
     "PAPER_SPACING",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 MODALITIES = ("ct", "us")
+#: What a feature network segments: the kidney (the paper's feature maps) or its renal sinus
+#: (sinus fat and collecting system, for the plane search; simulated training data only).
+FEATURE_STRUCTURES = ("kidney", "sinus")
 #: Encoder widths of the paper's ULBNet (decoder: the same in reverse).
 BASE_WIDTHS = (16, 32, 64, 128, 256)
 #: The paper's voxel size (mm) for both networks.
@@ -82,6 +86,7 @@ class FeatureNetConfig:
         lbc_activation: ``"sigmoid"`` or ``"relu"``.
         seed: Seed of the LBC anchors (part of the model: a checkpoint restores the anchors, and
             the same seed rebuilds them).
+        structure: What the network segments, one of :data:`FEATURE_STRUCTURES`.
 
     Example:
         >>> cfg = feature_config("us", "cpu")
@@ -102,10 +107,15 @@ class FeatureNetConfig:
     lbc_activation: str = "sigmoid"
     seed: int = 0
     base_widths: tuple[int, ...] = field(default=BASE_WIDTHS)
+    structure: str = "kidney"
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.structure not in FEATURE_STRUCTURES:
+            raise ValueError(
+                f"structure must be one of {FEATURE_STRUCTURES}, got {self.structure!r}"
+            )
         if not self.spacing > 0:
             raise ValueError(f"spacing must be > 0, got {self.spacing}")
         patch = _int_tuple(self.patch_size, 3, "patch_size")
@@ -183,7 +193,12 @@ class FeatureNetConfig:
 
 
 def feature_config(
-    modality: str, profile: str = "cpu", *, window: int | None = None, seed: int = 0
+    modality: str,
+    profile: str = "cpu",
+    *,
+    window: int | None = None,
+    seed: int = 0,
+    structure: str = "kidney",
 ) -> FeatureNetConfig:
     """The feature-net configuration of ``modality`` at ``profile``.
 
@@ -192,6 +207,7 @@ def feature_config(
         profile: ``"paper"``, ``"cpu"`` or ``"tiny"`` (or a :class:`~kidneyreg.profiles.Profile`).
         window: U/S frames per window (default: the profile's, 5).
         seed: Seed of the LBC anchors.
+        structure: What the network segments (:data:`FEATURE_STRUCTURES`).
 
     Returns:
         The configuration.
@@ -224,4 +240,5 @@ def feature_config(
         patch_size=patch,  # type: ignore[arg-type]
         width_multiplier=multiplier,
         seed=seed,
+        structure=structure,
     )

@@ -57,7 +57,7 @@ from kidneyreg.preprocess import (
     resample_us_frames,
     window_indices,
 )
-from kidneyreg.simulate.tissues import kidney_labels
+from kidneyreg.simulate.tissues import kidney_labels, sinus_labels
 
 __all__ = [
     "CaseData",
@@ -361,6 +361,11 @@ def load_case(files: CaseFiles, config: FeatureNetConfig) -> CaseData:
         InputError: Unreadable files, a mask on another grid, an empty mask.
     """
     patch = config.patch_size
+    sinus = config.structure == "sinus"
+    if sinus and files.tissue_labels is None:
+        raise InputError(
+            files.image.parent, "a sinus network needs the simulator's tissue label maps"
+        )
     if config.modality == "ct":
         ct = read_ct(files.image)
         target = read_ct_target(files, ct)
@@ -370,6 +375,10 @@ def load_case(files: CaseFiles, config: FeatureNetConfig) -> CaseData:
             raise InputError(files.mask, f"kidney mask vanishes at {config.spacing} mm")
         image = normalize_ct(sitk.GetArrayViewFromImage(prepared))
         tissues = _tissues_on(files, ct, prepared)
+        if sinus:
+            if tissues is None or not np.isin(tissues, sinus_labels()).any():
+                raise InputError(files.tissue_labels or files.mask, "no renal sinus on the CT grid")
+            mask = np.isin(tissues, sinus_labels()).astype(np.uint8)
         box = _bounding_box(mask, patch)
         # Normalised air is 0; pad small volumes so that a whole patch always fits.
         image = _pad_to(image[box], patch, 0.0)
@@ -394,6 +403,10 @@ def load_case(files: CaseFiles, config: FeatureNetConfig) -> CaseData:
         us_tissues = _us_tissues_on(files, sequence, config.spacing)
         if us_tissues is not None:
             us_tissues = _pad_to(us_tissues, frame_shape, 0)
+        if sinus:
+            if us_tissues is None or not np.isin(us_tissues, sinus_labels()).any():
+                raise InputError(files.tissue_labels or files.mask, "no renal sinus in the frames")
+            mask = np.isin(us_tissues, sinus_labels()).astype(np.uint8)
         return CaseData.from_arrays(files.name, image, mask, us_tissues)
 
 

@@ -75,14 +75,17 @@ KIDNEY_COMPONENTS = 2
 KIDNEY_MIN_FRACTION = 0.25
 
 
-def bundled_model_path(modality: str, profile: str = "cpu") -> Path:
+def bundled_model_path(modality: str, profile: str = "cpu", structure: str = "kidney") -> Path:
     """Where the package keeps its bundled ``modality`` model for ``profile`` (may not exist).
 
     Example:
         >>> bundled_model_path("ct", "cpu").name
         'features_ct_cpu.pt'
+        >>> bundled_model_path("us", "cpu", "sinus").name
+        'features_us_sinus_cpu.pt'
     """
-    return _MODELS_DIR / f"features_{modality}_{profile}.pt"
+    kind = "" if structure == "kidney" else f"_{structure}"
+    return _MODELS_DIR / f"features_{modality}{kind}_{profile}.pt"
 
 
 @dataclass(eq=False)
@@ -137,6 +140,7 @@ def load_feature_model(
     modality: str | None = None,
     profile: str = "cpu",
     device: str | torch.device = "cpu",
+    structure: str | None = None,
 ) -> FeatureModel:
     """Load a feature network from a checkpoint, or the bundled one of ``modality`` / ``profile``.
 
@@ -149,10 +153,12 @@ def load_feature_model(
             Needed when ``path`` is None.
         profile: Profile of the bundled model (ignored with ``path``: the checkpoint knows its own).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        structure: Required structure (``"kidney"``/``"sinus"``); a network segmenting another
+            one is refused. None: any (the bundled kidney model when ``path`` is None).
 
     Raises:
         InputError: Missing, unreadable or foreign checkpoint, a checkpoint of the other
-            modality, no bundled model for the profile.
+            modality or structure, no bundled model for the profile.
 
     Example:
         >>> model = load_feature_model(modality="ct")  # doctest: +SKIP
@@ -164,7 +170,7 @@ def load_feature_model(
     if path is None:
         if modality is None:
             raise ValueError("load_feature_model needs a path or a modality")
-        path = bundled_model_path(modality, profile)
+        path = bundled_model_path(modality, profile, structure or "kidney")
         if not path.is_file():
             raise InputError(
                 "--model",
@@ -179,6 +185,10 @@ def load_feature_model(
         raise InputError(
             path,
             f"is a {config.modality.upper()} feature model, a {modality.upper()} one is needed",
+        )
+    if structure is not None and config.structure != structure:
+        raise InputError(
+            path, f"segments the {config.structure}, a {structure} feature model is needed"
         )
     dev = resolve_device(device)
     net.to(dev).eval()

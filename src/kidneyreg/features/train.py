@@ -419,7 +419,8 @@ def train_feature_net(
         start = network_from_payload(
             load_checkpoint(initial_weights, kind=CHECKPOINT_KIND), initial_weights
         )
-        if start.config != config:
+        # A kidney model may start a sinus model: same network, another target.
+        if dataclasses.replace(start.config, structure=config.structure) != config:
             raise InputError(
                 initial_weights,
                 f"is a {start.config.modality} model of profile {start.config.profile} with patch "
@@ -548,6 +549,7 @@ def train_from_folder(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     initial_weights: str | Path | None = None,
+    structure: str = "kidney",
 ) -> TrainResult:
     """Find, split, preprocess and train on the cases of a folder (``kidneyreg train-features``).
 
@@ -563,6 +565,7 @@ def train_from_folder(
         progress: Progress bars.
         log: Receives one line per step of the run (loading, split, epochs).
         initial_weights: Checkpoint to fine-tune from (see :func:`train_feature_net`).
+        structure: What to segment, ``"kidney"`` or ``"sinus"`` (simulated cases only).
 
     Returns:
         See :func:`train_feature_net`.
@@ -574,7 +577,7 @@ def train_from_folder(
 
     say = log or (lambda _line: None)
     settings = settings or default_train_settings(profile)
-    config = feature_config(modality, profile, window=window)
+    config = feature_config(modality, profile, window=window, structure=structure)
     cases = find_cases(data_dir, modality)
     train_files, val_files = split_by_patient(cases, settings.val_fraction, settings.seed)
     checkpoint_path = training_paths(out)[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["PHASES", "TISSUES", "Tissue", "TissueProperties", "kidney_labels"]
+__all__ = ["PHASES", "TISSUES", "Tissue", "TissueProperties", "kidney_labels", "sinus_labels"]
 
 PHASES = ("corticomedullary", "nephrographic", "plain")
 
@@ -91,3 +91,9 @@ KIDNEY_TISSUES = (Tissue.CORTEX, Tissue.MEDULLA, Tissue.SINUS_FAT, Tissue.COLLEC
 def kidney_labels() -> tuple[int, ...]:
     """Label values that belong to the kidney mask."""
     return tuple(int(t) for t in KIDNEY_TISSUES)
+
+
+def sinus_labels() -> tuple[int, ...]:
+    """Label values of the renal sinus: sinus fat and the collecting system (inside the kidney
+    mask; on U/S the central echo complex)."""
+    return (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
