@@ -11,6 +11,11 @@ Rows: initial alignment (kidney centroids matched; default sagittal pose, or wit
 ``--init`` each case's ``init.json``, e.g. a flank simulation), pretrained,
 adapted; means over cases of the per-case means, per group (A, B) and overall.
 
+With ``--sinus masks|network`` the adapted model is also scored after the plane search
+(:meth:`kidneyreg.pipeline.Registrar.search_plane`, row ``adapted_sinus``), on renal-sinus maps
+from the label maps or from the sinus feature networks. The TRE is also split along the true
+frame's axes (in plane along u and v, out of plane along the normal w).
+
 Feature maps come from the ground-truth masks (``--features masks``, the default: the table then
 measures registration alone) or from the bundled feature networks (``--features network``, what
 ``kidneyreg register`` does without masks).
@@ -94,7 +99,8 @@ def evaluate_case(
     also_anchors: Sequence[float] = (),
     use_init: bool = False,
     also_refinements: int | None = None,
-    sinus: bool = False,
+    sinus: str | None = None,
+    sinus_models: tuple[Path | None, Path | None] = (None, None),
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``.
 
@@ -102,8 +108,9 @@ def evaluate_case(
     refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
     two settings differ only in the passes. Each of ``also_anchors`` adapts the pretrained model
     again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
-    ``sinus`` the CT and the U/S get renal-sinus masks from the simulator's label maps, and
-    ``"adapted_sinus"`` is the adapted model with the plane search
+    ``sinus="masks"`` the CT and the U/S get renal-sinus masks from the simulator's label maps
+    (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None:
+    the bundled ones), and ``"adapted_sinus"`` is the adapted model with the plane search
     (:meth:`Registrar.search_plane`) applied; ``"adapted"`` stays without it.
     """
     ct = read_ct(case / "ct.nii.gz")
@@ -117,7 +124,7 @@ def evaluate_case(
     if use_init:
         init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
     ct_sinus = us_sinus = None
-    if sinus:
+    if sinus == "masks":
         labels = sitk.ReadImage(str(case / "labels.nii.gz"))
         inside = np.isin(sitk.GetArrayFromImage(labels), SINUS_LABELS).astype(np.uint8)
         ct_sinus = sitk.GetImageFromArray(inside)
@@ -129,6 +136,9 @@ def evaluate_case(
         model,
         ct_mask=ct_mask if with_masks else None,
         ct_sinus_mask=ct_sinus,
+        sinus_networks=sinus == "network",
+        ct_sinus_features=sinus_models[0],
+        us_sinus_features=sinus_models[1],
         device="cpu",
         kidney=info["kidney"],
         refinements=refinements,
@@ -158,7 +168,7 @@ def evaluate_case(
         record = registrar.adapt(prepared, anchor_weight=anchor, plane_search=False)
         seconds = time.perf_counter() - started
         register("adapted")
-        if sinus:
+        if sinus is not None:
             search = registrar.search_plane(prepared)
             poses["adapted_sinus"] = registrar.register(prepared)
             registrar.plane_search = None
@@ -174,7 +184,7 @@ def evaluate_case(
         "frames": [int(frames[0]), int(frames[-1])],
         "adapt_s": seconds,
     }
-    if sinus and adapt:
+    if sinus is not None and adapt:
         row["plane_search"] = plane
     # The TRE's point: each scored frame's U/S kidney centroid (mm), frames without kidney skipped.
     visible = np.array([us_masks[k].sum() > 0 for k in range(sequence.n_frames)])
@@ -255,9 +265,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--sinus",
-        action="store_true",
-        help="renal-sinus masks from the label maps: also the plane search after adaptation",
+        choices=("masks", "network"),
+        default=None,
+        help="also the plane search after adaptation, on renal-sinus maps from the label maps "
+        "(masks) or from the sinus feature networks (network)",
     )
+    parser.add_argument("--ct-sinus-features", type=Path, default=None)
+    parser.add_argument("--us-sinus-features", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -277,6 +291,7 @@ def main() -> None:
                 use_init=args.init,
                 also_refinements=args.also_refinements,
                 sinus=args.sinus,
+                sinus_models=(args.ct_sinus_features, args.us_sinus_features),
             )
             rows.append(row)
             print(

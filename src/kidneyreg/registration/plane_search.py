@@ -22,9 +22,9 @@ coordinate ascent over the five parameters with halving steps. The score is the 
 structures of their Dice pooled over the frames.
 
 Example:
-    >>> offset = PlaneOffset(tilt_u_deg=3.0, normal_mm=-2.0)
-    >>> offset.apply(np.eye(4)[None], np.zeros((1, 2)))[0, 2, 3]
-    -2.0
+    >>> offset = PlaneOffset(normal_mm=-2.0, shift_u_mm=1.0)
+    >>> offset.apply(np.eye(4)[None], np.zeros((1, 2)))[0, :3, 3].tolist()
+    [1.0, 0.0, -2.0]
 """
 
 from __future__ import annotations
