@@ -13,8 +13,10 @@ adapted; means over cases of the per-case means, per group (A, B) and overall.
 
 With ``--sinus masks|network`` the adapted model is also scored after the plane search
 (:meth:`kidneyreg.pipeline.Registrar.search_plane`, row ``adapted_sinus``), on renal-sinus maps
-from the label maps or from the sinus feature networks. The TRE is also split along the true
-frame's axes (in plane along u and v, out of plane along the normal w).
+from the label maps or from the sinus feature networks. The error at the U/S kidney centroid
+(the evaluation's ``translation_error_mm``; the TRE averages the error over every kidney pixel,
+so tilts add to it) is also split along the true frame's axes (in plane along u and v, out of
+plane along the normal w).
 
 Feature maps come from the ground-truth masks (``--features masks``, the default: the table then
 measures registration alone) or from the bundled feature networks (``--features network``, what
@@ -54,9 +56,10 @@ METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
 #: axes move the plane out of itself, a rotation about the normal (w) stays in plane.
 AXIS_METRICS = ("tilt_u_deg", "tilt_v_deg", "inplane_deg")
-#: The TRE split along the true frame's axes: the error at the U/S kidney centroid along the
-#: lateral (u) and depth (v) axes, in plane, and along the normal (w), out of plane; "w_signed"
-#: keeps the sign (positive: the estimated plane lies on the +w side of the true one).
+#: The error at the U/S kidney centroid (the evaluation's translation error; the TRE is the mean
+#: over all kidney pixels, so a tilt about the centroid adds to the TRE, not to this) split along
+#: the true frame's axes: lateral (u) and depth (v), in plane, and the normal (w), out of plane;
+#: "w_signed" keeps the sign (positive: the estimated plane lies on the +w side of the true one).
 OFFSET_METRICS = ("offset_u_mm", "offset_v_mm", "offset_w_mm", "offset_w_signed_mm")
 
 
@@ -70,7 +73,8 @@ def axis_offsets_mm(estimated: np.ndarray, true: np.ndarray, centres_uv: np.ndar
     """``(n, 3)`` components (u, v, w) of the error at each frame's ``centres_uv`` point (mm).
 
     The point ``(u, v, 0)`` of frame ``k`` goes to CT world by both poses; the difference is
-    expressed in the true frame's axes, so its norm is the TRE of :mod:`kidneyreg.evaluation`.
+    expressed in the true frame's axes, so its norm is the translation error at that point
+    (:func:`kidneyreg.evaluation.metrics.translation_error_mm`).
     """
     points = np.concatenate(
         [centres_uv, np.zeros((len(centres_uv), 1)), np.ones((len(centres_uv), 1))], axis=1
@@ -213,7 +217,7 @@ def _table(rows: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
         "| group | cases | method | TRE (mm) | MCD CT-CT (mm) | HD CT-CT (mm) "
         "| plane angle (deg) | tilt about u (deg) | tilt about v (deg) | in-plane (deg) "
-        "| TRE along u (mm) | along v (mm) | along w (mm) | w signed (mm) |",
+        "| centroid error along u (mm) | along v (mm) | along w (mm) | w signed (mm) |",
         "|" + " --- |" * 14,
     ]
     for group in ("A", "B", "all"):

@@ -100,7 +100,7 @@ def test_axis_errors_split_a_rotation_along_the_frame_axes() -> None:
     np.testing.assert_allclose(errors, [[12, 0, 0], [0, 0, 5]], atol=1e-9)
 
 
-def test_axis_offsets_split_the_tre_along_the_frame_axes() -> None:
+def test_axis_offsets_split_the_centroid_error_along_the_frame_axes() -> None:
     heldout = _load("eval_heldout")
     tilt_observability = _load("tilt_observability")
     true = np.stack(

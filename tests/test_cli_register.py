@@ -241,6 +241,13 @@ def test_register_with_sinus_masks_searches_the_plane(files: dict[str, Path]) ->
     assert search["structures"] == ["kidney", "sinus"]
     timing = json.loads((out / "timing.json").read_text(encoding="utf-8"))
     assert timing["plane_search_s"] > 0
+    # Without adaptation the search corrects the pretrained model's estimates.
+    out = files["root"] / "out_sinus_no_adapt"
+    result = runner.invoke(app, [*_args(files, out, "--no-adapt", "--no-video"), *sinus])
+    assert result.exit_code == 0, result.output
+    transforms = read_transforms_json(out / "transforms.json", expected_frames=N_FRAMES)
+    assert transforms.extras["plane_search"]["sinus_source"] == {"ct": "masks", "us": "masks"}
+    assert transforms.extras["adaptation"]["mode"] == "none"
 
 
 def test_sinus_masks_come_in_pairs_and_on_the_right_grid(
