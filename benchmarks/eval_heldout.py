@@ -48,10 +48,8 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model
-from kidneyreg.simulate.tissues import Tissue
+from kidneyreg.simulate.tissues import sinus_labels
 
-#: Simulator labels of the renal sinus: sinus fat and the collecting system.
-SINUS_LABELS = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
 #: axes move the plane out of itself, a rotation about the normal (w) stays in plane.
@@ -130,11 +128,11 @@ def evaluate_case(
     ct_sinus = us_sinus = None
     if sinus == "masks":
         labels = sitk.ReadImage(str(case / "labels.nii.gz"))
-        inside = np.isin(sitk.GetArrayFromImage(labels), SINUS_LABELS).astype(np.uint8)
+        inside = np.isin(sitk.GetArrayFromImage(labels), sinus_labels()).astype(np.uint8)
         ct_sinus = sitk.GetImageFromArray(inside)
         ct_sinus.CopyInformation(labels)
         us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
-        us_sinus = np.isin(us_labels, SINUS_LABELS).astype(np.uint8)
+        us_sinus = np.isin(us_labels, sinus_labels()).astype(np.uint8)
     registrar = Registrar(
         ct,
         model,

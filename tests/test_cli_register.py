@@ -198,25 +198,19 @@ def test_bad_models_are_one_line_errors(
 
 def _sinus_files(files: dict[str, Path]) -> tuple[Path, Path]:
     """Renal-sinus masks of the case (sinus fat + collecting system of the label maps)."""
-    from kidneyreg.simulate.tissues import Tissue
+    from kidneyreg.simulate.tissues import sinus_labels
 
-    sinus = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
-    folder = files["ct"].parent
-    labels = sitk.ReadImage(str(folder / "labels.nii.gz"))
-    ct_sinus = sitk.GetImageFromArray(
-        np.isin(sitk.GetArrayFromImage(labels), sinus).astype(np.uint8)
-    )
-    ct_sinus.CopyInformation(labels)
-    ct_path = files["root"] / "ct_sinus.nii.gz"
-    sitk.WriteImage(ct_sinus, str(ct_path))
-    us_labels = sitk.ReadImage(str(folder / "us_labels.nii.gz"))
-    us_sinus = sitk.GetImageFromArray(
-        np.isin(sitk.GetArrayFromImage(us_labels), sinus).astype(np.uint8)
-    )
-    us_sinus.CopyInformation(us_labels)
-    us_path = files["root"] / "us_sinus.nii.gz"
-    sitk.WriteImage(us_sinus, str(us_path))
-    return ct_path, us_path
+    written = []
+    for modality, labels_name in (("ct", "labels.nii.gz"), ("us", "us_labels.nii.gz")):
+        labels = sitk.ReadImage(str(files["ct"].parent / labels_name))
+        sinus = sitk.GetImageFromArray(
+            np.isin(sitk.GetArrayFromImage(labels), sinus_labels()).astype(np.uint8)
+        )
+        sinus.CopyInformation(labels)
+        path = files["root"] / f"{modality}_sinus.nii.gz"
+        sitk.WriteImage(sinus, str(path))
+        written.append(path)
+    return written[0], written[1]
 
 
 def test_register_with_sinus_masks_searches_the_plane(files: dict[str, Path]) -> None:

@@ -33,7 +33,7 @@ from kidneyreg.pipeline import (
 from kidneyreg.preprocess import kidney_centroid
 from kidneyreg.registration import RegistrationConfig, RegistrationNet
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data
-from kidneyreg.simulate.tissues import Tissue
+from kidneyreg.simulate.tissues import sinus_labels
 
 N_FRAMES = 14
 
@@ -502,12 +502,11 @@ def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
 
 def _sinus_masks(case: SimulatedCase) -> tuple[sitk.Image, np.ndarray]:
     """Renal-sinus masks from the simulator's labels: CT (both kidneys) and U/S frames."""
-    sinus = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
     ct_sinus = sitk.GetImageFromArray(
-        np.isin(sitk.GetArrayFromImage(case.labels), sinus).astype(np.uint8)
+        np.isin(sitk.GetArrayFromImage(case.labels), sinus_labels()).astype(np.uint8)
     )
     ct_sinus.CopyInformation(case.labels)
-    return ct_sinus, np.isin(case.us_labels, sinus).astype(np.uint8)
+    return ct_sinus, np.isin(case.us_labels, sinus_labels()).astype(np.uint8)
 
 
 def test_plane_search_after_adaptation_corrects_every_frame(

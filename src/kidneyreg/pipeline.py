@@ -588,6 +588,18 @@ def _far_from(footprint: NDArray[np.bool_], frame: NDArray[np.bool_]) -> NDArray
     return frame & ~np.isin(labels, touching[touching > 0])
 
 
+def _frame_masks(masks: ArrayLike, sequence: UltrasoundSequence, source: str) -> NDArray[np.uint8]:
+    """``masks`` as uint8 0/1, checked to lie on the sequence's frames."""
+    binary = (np.asarray(masks) != 0).astype(np.uint8)
+    if binary.shape != sequence.shape:
+        raise InputError(
+            source,
+            f"mask grid differs from the U/S sequence: {binary.shape} vs {sequence.shape} "
+            "(frames, rows, cols)",
+        )
+    return binary
+
+
 def _frame_centroids(
     binary: NDArray[Any], pixel_size: tuple[float, float]
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
@@ -1116,13 +1128,7 @@ class Registrar:
         frames = normalize_us(sequence.frames)
         user_masks = None
         if masks is not None:
-            user_masks = (np.asarray(masks) != 0).astype(np.uint8)
-            if user_masks.shape != sequence.shape:
-                raise InputError(
-                    mask_source,
-                    f"mask grid differs from the U/S sequence: {user_masks.shape} vs "
-                    f"{sequence.shape} (frames, rows, cols)",
-                )
+            user_masks = _frame_masks(masks, sequence, mask_source)
             features = smooth_us_features(user_masks, pixel_size, self.profile.spacing)
             binary: NDArray[Any] = user_masks
             source = "masks"
@@ -1152,13 +1158,7 @@ class Registrar:
             source = "network"
         sinus = None
         if sinus_masks is not None:
-            sinus = (np.asarray(sinus_masks) != 0).astype(np.uint8)
-            if sinus.shape != sequence.shape:
-                raise InputError(
-                    sinus_source,
-                    f"mask grid differs from the U/S sequence: {sinus.shape} vs "
-                    f"{sequence.shape} (frames, rows, cols)",
-                )
+            sinus = _frame_masks(sinus_masks, sequence, sinus_source)
             if not sinus.any():
                 raise InputError(sinus_source, "the sinus mask is empty in every frame")
         elif self.sinus_networks and self.ct_sinus_mask is not None and detect:

@@ -13,9 +13,7 @@ from kidneyreg.registration.plane_search import (
     structure_overlap,
 )
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data
-from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue
-
-SINUS = (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING))
+from kidneyreg.simulate.tissues import kidney_labels, sinus_labels
 
 
 def _pose(seed: int) -> np.ndarray:
@@ -63,15 +61,13 @@ def case() -> SimulatedCase:
 
 def _maps(case: SimulatedCase) -> tuple[list[sitk.Image], list[np.ndarray]]:
     labels = sitk.GetArrayFromImage(case.labels)
-    kidney = np.isin(labels, [int(t) for t in KIDNEY_TISSUES]) & (
-        sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
-    )
+    kidney = np.isin(labels, kidney_labels()) & (sitk.GetArrayFromImage(case.ct_kidney_mask) > 0)
     images = []
-    for values in (kidney, np.isin(labels, SINUS) & kidney):
+    for values in (kidney, np.isin(labels, sinus_labels()) & kidney):
         image = sitk.GetImageFromArray(values.astype(np.uint8))
         image.CopyInformation(case.labels)
         images.append(image)
-    us = [np.isin(case.us_labels, [int(t) for t in KIDNEY_TISSUES]), np.isin(case.us_labels, SINUS)]
+    us = [np.isin(case.us_labels, kidney_labels()), np.isin(case.us_labels, sinus_labels())]
     return images, us
 
 
