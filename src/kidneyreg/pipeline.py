@@ -1506,7 +1506,8 @@ class Registrar:
             epoch_losses=log.epoch_losses,
             anchor_weight=float(anchor_weight),
         )
-        if with_sinus if plane_search is None else plane_search:
+        run_search = with_sinus if plane_search is None else plane_search
+        if run_search:
             self.search_plane(prepared)
         return self.adaptation
 
