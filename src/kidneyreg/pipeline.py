@@ -1426,8 +1426,8 @@ class Registrar:
                 a feature network made either.
             progress: Called after every step with ``(step, total, loss)``.
             plane_search: Then search one plane correction on the adapted model's estimates
-                (:meth:`search_plane`). None: when sinus masks were given for the CT and the
-                sequence.
+                (:meth:`search_plane`). None: when the CT and the sequence have sinus maps
+                (given masks or the sinus networks' maps).
 
         Returns:
             The record (also kept as :attr:`adaptation`).
