@@ -48,6 +48,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from numpy.typing import NDArray
+from scipy.ndimage import uniform_filter
 from scipy.signal import fftconvolve
 
 from kidneyreg.geometry import resample_on_frames
@@ -55,11 +56,11 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.registration.mind import mind_descriptor
 from kidneyreg.registration.plane_search import PlaneOffset
-from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue
+from kidneyreg.simulate.tissues import KIDNEY_TISSUES, Tissue, sinus_labels
 
 STRUCTURES: dict[str, tuple[int, ...]] = {
     "kidney": tuple(int(t) for t in KIDNEY_TISSUES),
-    "sinus": (int(Tissue.SINUS_FAT), int(Tissue.COLLECTING)),
+    "sinus": sinus_labels(),
     "medulla": (int(Tissue.MEDULLA),),
 }
 #: Structures around the kidney, scored inside the U/S fan only (the CT plane extends beyond it).
@@ -126,8 +127,6 @@ def _lc2(
     patch by patch, that a linear combination of CT intensity and CT gradient magnitude explains,
     weighted by each patch's U/S variance (Wein et al., 2008); pixels outside ``inside`` are
     left out of the patches and of the sum."""
-    from scipy.ndimage import uniform_filter
-
     w = inside.astype(np.float64)
     u, p, g = (a.astype(np.float64) * w for a in (us, ct, grad))
     n = uniform_filter(w, size)

@@ -1162,6 +1162,8 @@ class Registrar:
             if not sinus.any():
                 raise InputError(sinus_source, "the sinus mask is empty in every frame")
         elif self.sinus_networks and self.ct_sinus_mask is not None and detect:
+            # Whole sequences only: the search runs once, on the adaptation cycle; a streaming
+            # window (detect=False) only applies the correction found then.
             sinus = self._us_sinus(sequence, binary)
         centroids, visible = _frame_centroids(binary, pixel_size)
         if not visible.any():
