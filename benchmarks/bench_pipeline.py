@@ -13,7 +13,9 @@ U/S preparation) and measures, as medians over repeated runs:
   costs per frame, no batching);
 * ``adapt``: :meth:`Registrar.adapt` with the paper's one-cycle strategy (2 epochs on the windows
   of the first detected breathing cycle), seconds, the model reset to its initial weights before
-  every run.
+  every run;
+* ``plane search`` (``--sinus``: renal-sinus masks from the case's label maps for the CT and
+  the U/S): the two plane searches the adaptation then runs (before and after it), seconds.
 
 The model is ``--model`` (a checkpoint) or, without one, a freshly initialised network of the
 configuration ``kidneyreg pretrain`` builds for the profile (``--slab H`` sets the R-L slab
@@ -69,17 +71,31 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         case.frames.astype(np.float32), (case.pixel_size, case.pixel_size), case.frame_rate
     )
     simulate_s = time.perf_counter() - started
+    ct_sinus, us_sinus = None, None
+    if args.sinus:
+        import SimpleITK as sitk
+
+        from kidneyreg.simulate.tissues import sinus_labels
+
+        ct_sinus = sitk.GetImageFromArray(
+            np.isin(sitk.GetArrayFromImage(case.labels), sinus_labels()).astype(np.uint8)
+        )
+        ct_sinus.CopyInformation(case.labels)
+        us_sinus = np.isin(case.us_labels, sinus_labels())
     registrar = Registrar(
         case.ct,
         _model(profile, args.model, args.slab),
         ct_mask=case.ct_kidney_mask,
+        ct_sinus_mask=ct_sinus,
         device=args.device,
         batch_size=args.batch_size,
         refinements=args.refinements,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = registrar.prepare(sequence, None if args.us_network else case.us_kidney_mask)
+        prepared = registrar.prepare(
+            sequence, None if args.us_network else case.us_kidney_mask, sinus_masks=us_sinus
+        )
     n = prepared.n_frames
 
     registrar.register(prepared)  # warm-up: allocator, oneDNN primitives, CUDA kernels
@@ -100,11 +116,13 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         stream.append(1000.0 * frame.seconds)
 
-    adapt_s, steps, windows = [], 0, 0
+    adapt_s, search_s, steps, windows = [], [], 0, 0
     for _ in range(args.adapt_repeats):
         registrar.reset()
         record = registrar.adapt(prepared, strategy="one-cycle", batch_size=args.adapt_batch_size)
         adapt_s.append(record.seconds)
+        if registrar.plane_search is not None:
+            search_s.append(registrar.plane_search.seconds)
         steps, windows = record.steps, len(record.frames)
     config = registrar.config
     return {
@@ -126,6 +144,7 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         "stream_ms_per_frame": statistics.median(stream),
         "adapt_s": statistics.median(adapt_s) if adapt_s else None,
         "adapt_s_min": min(adapt_s) if adapt_s else None,
+        "plane_search_s": statistics.median(search_s) if search_s else None,
         "adapt_steps": steps,
         "adapt_windows": windows,
         "adapt_batch_size": args.adapt_batch_size,
@@ -162,6 +181,11 @@ def main() -> None:
         action="store_true",
         help="U/S feature maps from the bundled network (its time is in '+ U/S prep').",
     )
+    parser.add_argument(
+        "--sinus",
+        action="store_true",
+        help="Renal-sinus masks for CT and U/S: the adaptation also runs its plane searches.",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
     if args.repeats < 1 or args.adapt_repeats < 0:
@@ -172,16 +196,17 @@ def main() -> None:
     print()
     print(
         "| profile | device | frames | register ms/frame (fps) | + U/S prep ms/frame "
-        "| streaming ms/frame | one-cycle adaptation s (steps) |"
+        "| streaming ms/frame | one-cycle adaptation s (steps) | plane searches s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         adapt = "-" if r["adapt_s"] is None else f"{r['adapt_s']:.1f} ({r['adapt_steps']})"
+        search = "-" if r["plane_search_s"] is None else f"{r['plane_search_s']:.1f}"
         print(
             f"| {r['profile']} | {r['device']} x{r['threads']} | {r['frames']} "
             f"| {r['register_ms_per_frame']:.0f} ({r['register_fps']:.1f}) "
             f"| {r['register_with_us_preparation_ms_per_frame']:.0f} "
-            f"| {r['stream_ms_per_frame']:.0f} | {adapt} |"
+            f"| {r['stream_ms_per_frame']:.0f} | {adapt} | {search} |"
         )
     if args.json is not None:
         from kidneyreg.io.atomic import atomic_write_text

@@ -12,8 +12,13 @@ Rows: initial alignment (kidney centroids matched; default sagittal pose, or wit
 adapted; means over cases of the per-case means, per group (A, B) and overall.
 
 With ``--sinus masks|network`` the adapted model is also scored after the plane search
-(:meth:`kidneyreg.pipeline.Registrar.search_plane`, row ``adapted_sinus``), on renal-sinus maps
-from the label maps or from the sinus feature networks. The error at the U/S kidney centroid
+(:meth:`kidneyreg.pipeline.Registrar.search_plane`, row ``adapted_sinus``), and so is the
+pretrained model (``pretrained_sinus``, the search on the first breathing cycle, as ``register
+--no-adapt`` runs it), on renal-sinus maps from the label maps or from the sinus feature
+networks. Row ``adapted_sinus_choice`` is what ``register`` does with sinus maps
+(:meth:`~kidneyreg.pipeline.Registrar.adapt` with its plane search: the same adaptation, then
+whichever of the weights before and after it overlaps kidney and sinus better after its own
+search). The error at the U/S kidney centroid
 (the evaluation's ``translation_error_mm``; the TRE averages the error over every kidney pixel,
 so tilts add to it) is also split along the true frame's axes (in plane along u and v, out of
 plane along the normal w).
@@ -112,8 +117,9 @@ def evaluate_case(
     again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
     ``sinus="masks"`` the CT and the U/S get renal-sinus masks from the simulator's label maps
     (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None:
-    the bundled ones), and ``"adapted_sinus"`` is the adapted model with the plane search
-    (:meth:`Registrar.search_plane`) applied; ``"adapted"`` stays without it.
+    the bundled ones), and ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained /
+    adapted model with the plane search (:meth:`Registrar.search_plane`) applied; the rows
+    without the suffix stay without it.
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -163,6 +169,16 @@ def evaluate_case(
     poses: dict[str, Any] = {"initial": None}
     register("pretrained")
     initial = poses["pretrained"].initial_matrices
+    planes: dict[str, Any] = {}
+    if sinus is not None:
+        search = registrar.search_plane(prepared)
+        poses["pretrained_sinus"] = registrar.register(prepared)
+        registrar.plane_search = None
+        planes["pretrained"] = {
+            **search.offset.to_dict(),
+            "seconds": search.seconds,
+            "score": search.score_after,
+        }
     frames = np.arange(sequence.n_frames)
     seconds = 0.0
     if adapt:
@@ -174,7 +190,17 @@ def evaluate_case(
             search = registrar.search_plane(prepared)
             poses["adapted_sinus"] = registrar.register(prepared)
             registrar.plane_search = None
-            plane = {**search.offset.to_dict(), "seconds": search.seconds}
+            planes["adapted"] = {
+                **search.offset.to_dict(),
+                "seconds": search.seconds,
+                "score": search.score_after,
+            }
+            # What register does with sinus maps: the same adaptation, then the weights before
+            # or after it, whichever overlaps better after its own search.
+            registrar.reset()
+            chosen = registrar.adapt(prepared, anchor_weight=anchor)
+            poses["adapted_sinus_choice"] = registrar.register(prepared)
+            planes["choice"] = {"undone": chosen.undone, "scores": chosen.search_scores}
         frames = np.arange(record.frame_range[1], sequence.n_frames)
         for weight in also_anchors:
             registrar.reset()
@@ -186,8 +212,8 @@ def evaluate_case(
         "frames": [int(frames[0]), int(frames[-1])],
         "adapt_s": seconds,
     }
-    if sinus is not None and adapt:
-        row["plane_search"] = plane
+    if planes:
+        row["plane_search"] = planes
     # The TRE's point: each scored frame's U/S kidney centroid (mm), frames without kidney skipped.
     visible = np.array([us_masks[k].sum() > 0 for k in range(sequence.n_frames)])
     scored = frames[visible[frames]]

@@ -270,3 +270,17 @@ def test_a_second_refinement_setting_scores_as_its_own_run(tiny_case: Path) -> N
     assert both["pretrained_r0"] == pytest.approx(single["pretrained"])
     assert both["pretrained"] == pytest.approx(default["pretrained"])
     assert both["pretrained"] != pytest.approx(both["pretrained_r0"])
+
+
+def test_the_plane_search_row_of_the_pretrained_model(tiny_case: Path) -> None:
+    heldout = _load("eval_heldout")
+    net = RegistrationNet(RegistrationConfig.from_profile("tiny")).eval()
+    model = RegistrationModel(net, get_profile("tiny"), "<random>")
+    row = heldout.evaluate_case(
+        tiny_case, model, adapt=False, features="masks", refinements=0, sinus="masks"
+    )
+    assert set(row["plane_search"]) == {"pretrained"}
+    assert row["plane_search"]["pretrained"]["seconds"] > 0
+    # Scored on the same frames as the model without the search.
+    assert row["pretrained_sinus"]["tre"] >= 0 and row["pretrained"]["tre"] >= 0
+    assert heldout._is_method(row["pretrained_sinus"])

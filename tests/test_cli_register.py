@@ -230,6 +230,7 @@ def test_register_with_sinus_masks_searches_the_plane(files: dict[str, Path]) ->
         "normal_mm",
         "shift_u_mm",
         "shift_v_mm",
+        "in_plane_deg",
     }
     assert search["score_after"] >= search["score_before"]
     assert search["structures"] == ["kidney", "sinus"]

@@ -554,6 +554,45 @@ def test_plane_search_after_adaptation_corrects_every_frame(
     assert registrar.plane_search is None
 
 
+def test_adaptation_with_plane_search_keeps_the_better_overlapping_weights(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    ct_sinus, us_sinus = _sinus_masks(case)
+    registrar = Registrar(
+        case.ct,
+        tiny_net(identity=False, seed=3),
+        ct_mask=case.ct_kidney_mask,
+        ct_sinus_mask=ct_sinus,
+        device="cpu",
+    )
+    before = {k: v.clone() for k, v in registrar.net.state_dict().items()}
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
+    record = registrar.adapt(prepared, frames_idx=[4, 7], epochs=1)
+    assert record.search_scores is not None and registrar.plane_search is not None
+    assert registrar.plane_search.score_after == max(record.search_scores)
+    assert record.undone == (record.search_scores[0] > record.search_scores[1])
+    assert registrar.register(prepared).extras["adaptation_record"]["search_scores"] == list(
+        record.search_scores
+    )
+    # An adaptation that wrecks the network (a huge learning rate) is undone: the weights from
+    # before it come back, with their own correction.
+    registrar.reset()
+    wrecked = registrar.adapt(prepared, frames_idx=[4, 7], epochs=2, lr=5.0)
+    assert wrecked.undone and wrecked.search_scores is not None
+    assert wrecked.search_scores[0] > wrecked.search_scores[1]
+    for name, value in registrar.net.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+    assert registrar.plane_search is not None
+    assert registrar.plane_search.score_after == wrecked.search_scores[0]
+    # It registers as the unadapted model does, with the correction found for it.
+    assert registrar.refinements == pipeline.PRETRAINED_REFINEMENTS
+    undone = registrar.register(prepared).matrices
+    search = registrar.plane_search
+    registrar.reset()
+    registrar.plane_search = search
+    np.testing.assert_allclose(registrar.register(prepared).matrices, undone, atol=1e-9)
+
+
 def test_plane_search_refuses_missing_or_bad_sinus_masks(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:

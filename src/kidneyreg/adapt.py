@@ -267,6 +267,11 @@ class AdaptationRecord:
         loss_history: FIM loss of every step.
         epoch_losses: Mean loss of each epoch.
         anchor_weight: Weight of the pull towards the pretrained estimates (0: the paper's).
+        search_scores: With the plane search (``Registrar.adapt`` with sinus maps): the kidney
+            + sinus overlap after the search on the estimates of the weights before and after
+            the adaptation, on the same frames; None without it.
+        undone: The weights before the adaptation, with their own plane correction, overlapped
+            better, so they were kept (the adaptation undone).
 
     Example:
         >>> record = AdaptationRecord("one-shot", 5, 5, (30,), (0, 58), 3e-4, 1, 4.2)
@@ -285,6 +290,8 @@ class AdaptationRecord:
     loss_history: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     anchor_weight: float = 0.0
+    search_scores: tuple[float, float] | None = None
+    undone: bool = False
 
     @property
     def frame_range(self) -> tuple[int, int]:
@@ -308,6 +315,10 @@ class AdaptationRecord:
             "batch_size": int(self.batch_size),
             "seconds": float(self.seconds),
             "anchor_weight": float(self.anchor_weight),
+            "search_scores": (
+                None if self.search_scores is None else [float(v) for v in self.search_scores]
+            ),
+            "undone": bool(self.undone),
             "loss_history": [float(v) for v in self.loss_history],
             "epoch_losses": [float(v) for v in self.epoch_losses],
         }

@@ -10,16 +10,20 @@ only. Given the sinus (or any other structure) on both sides, this module search
 the rigid correction of the plane that makes the CT sections overlap the U/S maps best.
 
 The correction is one :class:`PlaneOffset`, in each frame's own axes (u lateral, v depth, w
-normal): a tilt about u and about v through a pivot (the frame's U/S kidney centroid), a move
-along the normal and an in-plane shift. Over a breathing cycle the probe is held still and the
-kidney slides under it, so the network's error out of the plane is a per-patient bias (its sign
-stays over the sequence) that one correction, found on the adaptation frames, removes from every
-later frame.
+normal): a tilt about u and about v and a rotation in the plane (about w), all through a pivot
+(the frame's U/S kidney centroid), a move along the normal and an in-plane shift. Over a
+breathing cycle the probe is held still and the kidney slides under it, so the network's error
+out of the plane is a per-patient bias (its sign stays over the sequence) that one correction,
+found on the adaptation frames, removes from every later frame.
 
-The search (:func:`search_plane_offset`) is deterministic: a grid over the normal offset (the
-largest error, with two local optima on either side of the kidney's widest section), then
-coordinate ascent over the five parameters with halving steps. The score is the sum over the
-structures of their Dice pooled over the frames.
+The search (:func:`search_plane_offset`) is deterministic. A coarse grid first: tilt pairs
+every 8 degrees within 24 (the paper's group B offsets are 24.7 +- 2.3 degrees in norm, and a
+regression network can leave most of that; a local search from the estimate stops at the first
+maximum) times normal offsets every 4 mm within 12, plus the normal offsets alone every 2 mm,
+scored on every other frame for speed. Then coordinate ascent over the six parameters with
+halving steps from the best few grid points with distinct tilts and from the best untilted one;
+the best score wins. The score is the sum over the structures of their Dice pooled over the
+frames.
 
 Example:
     >>> offset = PlaneOffset(normal_mm=-2.0, shift_u_mm=1.0)
@@ -30,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,26 +42,35 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike, NDArray
 
-from kidneyreg.geometry import resample_on_frames
-
 __all__ = [
     "PlaneOffset",
     "PlaneSearchResult",
+    "SectionSampler",
     "search_plane_offset",
     "structure_overlap",
 ]
 
-#: Normal offsets (mm) of the first, exhaustive stage.
+#: Tilts (degrees, about u and about v alike) of the coarse grid: pairs of these.
+TILT_GRID_DEG: tuple[float, ...] = tuple(float(a) for a in range(-24, 25, 8))
+#: Normal offsets (mm) paired with every grid tilt.
+COARSE_NORMAL_GRID_MM: tuple[float, ...] = tuple(float(w) for w in range(-12, 13, 4))
+#: Normal offsets (mm) scored without tilt (the error is largest there; finer).
 NORMAL_GRID_MM: tuple[float, ...] = tuple(float(w) for w in range(-12, 13, 2))
-#: Coordinate-ascent steps (tilt u, tilt v in degrees; normal, shift u, shift v in mm), in turn.
-ASCENT_STEPS: tuple[tuple[float, float, float, float, float], ...] = (
-    (4.0, 4.0, 2.0, 2.0, 2.0),
-    (2.0, 2.0, 1.0, 1.0, 1.0),
-    (1.0, 1.0, 0.5, 0.5, 0.5),
+#: Grid points (best first, tilts more than one grid step apart) the ascent starts from, besides
+#: the best untilted one.
+ASCENT_STARTS = 3
+#: Coordinate-ascent steps, in turn, in the order of :meth:`PlaneOffset.vector` (tilt u, tilt v
+#: in degrees; normal, shift u, shift v in mm; in plane in degrees).
+ASCENT_STEPS: tuple[tuple[float, float, float, float, float, float], ...] = (
+    (4.0, 4.0, 2.0, 2.0, 2.0, 4.0),
+    (2.0, 2.0, 1.0, 1.0, 1.0, 2.0),
+    (1.0, 1.0, 0.5, 0.5, 0.5, 1.0),
 )
-#: Bounds of the correction (degrees, mm): beyond them the frames' evidence is not a small
-#: correction of the network's estimate but another anatomy.
-MAX_TILT_DEG = 20.0
+#: Bounds of the correction (degrees, mm): the tilts cover the paper's group-B offsets (2 sigma:
+#: 29.3 degrees); beyond them the frames' evidence is not a correction of the network's
+#: estimate but another anatomy. The network itself corrects most of the in-plane rotation.
+MAX_TILT_DEG = 30.0
+MAX_IN_PLANE_DEG = 20.0
 MAX_NORMAL_MM = 16.0
 MAX_SHIFT_MM = 10.0
 
@@ -67,8 +80,8 @@ class PlaneOffset:
     """A rigid correction of a U/S frame's pose, in the frame's own axes.
 
     Applied to a pose ``M`` (U/S image mm -> CT world mm) with pivot ``p = (pu, pv)`` mm on the
-    frame: ``M @ T(p) @ Rv(tilt_v) @ Ru(tilt_u) @ T(-p + normal * w) @ T(shift_u, shift_v)``.
-    The pivot stays where it was under the tilts.
+    frame: ``M @ T(p) @ Rv(tilt_v) @ Ru(tilt_u) @ Rw(in_plane) @ T(-p + normal * w) @
+    T(shift_u, shift_v)``. The pivot stays where it was under the rotations.
 
     Attributes:
         tilt_u_deg: Rotation about the frame's lateral axis u (columns), degrees.
@@ -76,6 +89,7 @@ class PlaneOffset:
         normal_mm: Move along the frame's normal w, mm.
         shift_u_mm: In-plane shift along u, mm.
         shift_v_mm: In-plane shift along v, mm.
+        in_plane_deg: Rotation in the plane (about the normal w, from u towards v), degrees.
     """
 
     tilt_u_deg: float = 0.0
@@ -83,29 +97,38 @@ class PlaneOffset:
     normal_mm: float = 0.0
     shift_u_mm: float = 0.0
     shift_v_mm: float = 0.0
+    in_plane_deg: float = 0.0
 
     @classmethod
     def from_vector(cls, values: ArrayLike) -> PlaneOffset:
-        """From ``(tilt_u_deg, tilt_v_deg, normal_mm, shift_u_mm, shift_v_mm)``."""
+        """From ``(tilt_u_deg, tilt_v_deg, normal_mm, shift_u_mm, shift_v_mm, in_plane_deg)``."""
         v = np.asarray(values, dtype=np.float64).reshape(-1)
-        if v.shape != (5,) or not np.all(np.isfinite(v)):
-            raise ValueError(f"a plane offset needs 5 finite values, got {values!r}")
+        if v.shape != (6,) or not np.all(np.isfinite(v)):
+            raise ValueError(f"a plane offset needs 6 finite values, got {values!r}")
         return cls(*(float(x) for x in v))
 
     def vector(self) -> NDArray[np.float64]:
-        """``(tilt_u_deg, tilt_v_deg, normal_mm, shift_u_mm, shift_v_mm)``."""
+        """``(tilt_u_deg, tilt_v_deg, normal_mm, shift_u_mm, shift_v_mm, in_plane_deg)``."""
         return np.array(
-            [self.tilt_u_deg, self.tilt_v_deg, self.normal_mm, self.shift_u_mm, self.shift_v_mm]
+            [
+                self.tilt_u_deg,
+                self.tilt_v_deg,
+                self.normal_mm,
+                self.shift_u_mm,
+                self.shift_v_mm,
+                self.in_plane_deg,
+            ]
         )
 
     def local_matrix(self, pivot_uv: ArrayLike) -> NDArray[np.float64]:
         """The correction as a 4x4 matrix in frame coordinates (right-multiplies a pose)."""
         pivot = np.asarray(pivot_uv, dtype=np.float64).reshape(2)
-        a, b = np.deg2rad(self.tilt_u_deg), np.deg2rad(self.tilt_v_deg)
+        a, b, c = np.deg2rad([self.tilt_u_deg, self.tilt_v_deg, self.in_plane_deg])
         rot_u = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
         rot_v = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+        rot_w = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
         rotation = np.eye(4)
-        rotation[:3, :3] = rot_v @ rot_u
+        rotation[:3, :3] = rot_v @ rot_u @ rot_w
         to_pivot, from_pivot = np.eye(4), np.eye(4)
         to_pivot[:3, 3] = [pivot[0], pivot[1], 0.0]
         from_pivot[:3, 3] = [
@@ -165,6 +188,108 @@ class PlaneSearchResult:
         }
 
 
+class SectionSampler:
+    """Nearest-neighbour sections of binary CT maps on U/S frames, all structures in one gather.
+
+    The search scores hundreds of candidate poses; one ``sitk.Resample`` per frame and structure
+    would spend most of its time in call overhead. The maps are packed as the bits of one uint8
+    array, cropped to their common bounding box, and every frame pixel is mapped to its nearest
+    voxel with one matrix product (ITK's nearest-neighbour rule: the continuous index rounded
+    half up, nothing outside the grid), so the sections equal
+    :func:`~kidneyreg.geometry.resample_on_frames` with ``interpolator="nearest"``.
+
+    Args:
+        ct_maps: One to eight binary images (nonzero inside); maps on another grid than the
+            first are resampled onto it (nearest neighbour).
+        frame_shape: ``(rows, cols)`` of the U/S frames.
+        pixel_size: U/S ``(sx, sy)`` mm.
+
+    Example:
+        >>> image = sitk.GetImageFromArray(np.ones((4, 4, 4), np.uint8))
+        >>> SectionSampler([image], (2, 3), (1.0, 1.0)).sections(np.eye(4)[None])[0].shape
+        (1, 2, 3)
+    """
+
+    def __init__(
+        self,
+        ct_maps: Sequence[sitk.Image],
+        frame_shape: tuple[int, int],
+        pixel_size: tuple[float, float],
+    ) -> None:
+        if not 1 <= len(ct_maps) <= 8:
+            raise ValueError(f"need 1 to 8 CT maps, got {len(ct_maps)}")
+        for image in ct_maps:
+            if not isinstance(image, sitk.Image) or image.GetDimension() != 3:
+                raise TypeError("CT maps must be 3D SimpleITK images")
+        reference = ct_maps[0]
+        packed = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+        for bit, image in enumerate(ct_maps):
+            if not _same_grid(image, reference):
+                image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor)
+            packed |= (sitk.GetArrayViewFromImage(image) != 0).astype(np.uint8) << bit
+        self.n_structures = len(ct_maps)
+        nonzero = np.nonzero(packed.any(axis=(1, 2)))[0], np.nonzero(packed.any(axis=(0, 2)))[0]
+        columns = np.nonzero(packed.any(axis=(0, 1)))[0]
+        if nonzero[0].size == 0:
+            self._low = np.zeros(3, dtype=np.int64)
+            self._packed = np.zeros((1, 1, 1), dtype=np.uint8)
+        else:
+            low = np.array([nonzero[0][0], nonzero[1][0], columns[0]])  # (z, y, x)
+            high = np.array([nonzero[0][-1], nonzero[1][-1], columns[-1]]) + 1
+            self._low = low
+            self._packed = np.ascontiguousarray(
+                packed[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+            )
+        direction = np.array(reference.GetDirection(), dtype=np.float64).reshape(3, 3)
+        scaled = direction * np.array(reference.GetSpacing(), dtype=np.float64)
+        self._to_index = np.linalg.inv(scaled)  # world mm -> continuous (x, y, z) index
+        self._origin = np.array(reference.GetOrigin(), dtype=np.float64)
+        rows, cols = int(frame_shape[0]), int(frame_shape[1])
+        self.frame_shape = (rows, cols)
+        grid_v, grid_u = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        self._pixels = np.stack(
+            [grid_u.ravel() * float(pixel_size[0]), grid_v.ravel() * float(pixel_size[1])]
+        )  # (2, rows * cols), U/S image mm
+
+    def sections(self, poses: ArrayLike) -> NDArray[np.bool_]:
+        """``(structures, n, rows, cols)`` boolean sections at ``(n, 4, 4)`` poses."""
+        matrices = np.asarray(poses, dtype=np.float64)
+        # Continuous index of every pixel: A @ (R @ (u, v, 0) + t - origin), A = to_index.
+        linear = np.einsum("ij,njk->nik", self._to_index, matrices[:, :3, :2])
+        offset = np.einsum("ij,nj->ni", self._to_index, matrices[:, :3, 3] - self._origin)
+        index = np.floor(linear @ self._pixels + offset[:, :, None] + 0.5).astype(np.int64)
+        # (x, y, z) -> (z, y, x) in the crop.
+        z, y, x = (
+            index[:, 2] - self._low[0],
+            index[:, 1] - self._low[1],
+            index[:, 0] - self._low[2],
+        )
+        shape = self._packed.shape
+        inside = (z >= 0) & (z < shape[0]) & (y >= 0) & (y < shape[1]) & (x >= 0) & (x < shape[2])
+        values = np.zeros(z.shape, dtype=np.uint8)
+        values[inside] = self._packed[z[inside], y[inside], x[inside]]
+        values = values.reshape(len(matrices), *self.frame_shape)
+        return np.stack([(values >> bit) & 1 != 0 for bit in range(self.n_structures)])
+
+    def overlap(self, us_maps: Sequence[NDArray[np.bool_]], poses: ArrayLike) -> float:
+        """Sum over structures of the Dice pooled over frames (:func:`structure_overlap`)."""
+        total = 0.0
+        for fixed, moving in zip(us_maps, self.sections(poses), strict=True):
+            denominator = float(fixed.sum() + moving.sum())
+            if denominator > 0:
+                total += 2.0 * float((fixed & moving).sum()) / denominator
+        return total
+
+
+def _same_grid(image: sitk.Image, reference: sitk.Image) -> bool:
+    return (
+        image.GetSize() == reference.GetSize()
+        and np.allclose(image.GetOrigin(), reference.GetOrigin())
+        and np.allclose(image.GetSpacing(), reference.GetSpacing())
+        and np.allclose(image.GetDirection(), reference.GetDirection())
+    )
+
+
 def structure_overlap(
     ct_maps: Sequence[sitk.Image],
     us_maps: Sequence[NDArray[np.bool_]],
@@ -183,16 +308,11 @@ def structure_overlap(
         The sum of the per-structure Dice, each pooled over the frames (a structure absent
         from both sides counts 0).
     """
-    matrices = np.asarray(poses, dtype=np.float64)
-    total = 0.0
-    for image, fixed in zip(ct_maps, us_maps, strict=True):
-        shape = (int(fixed.shape[1]), int(fixed.shape[2]))
-        section = resample_on_frames(image, matrices, shape, pixel_size, interpolator="nearest")
-        moving = section != 0
-        denominator = float(fixed.sum() + moving.sum())
-        if denominator > 0:
-            total += 2.0 * float((fixed & moving).sum()) / denominator
-    return total
+    maps = [np.asarray(m) != 0 for m in us_maps]
+    if len(maps) != len(ct_maps):
+        raise ValueError(f"need one U/S map per CT map, got {len(maps)} and {len(ct_maps)}")
+    shape = (int(maps[0].shape[1]), int(maps[0].shape[2]))
+    return SectionSampler(ct_maps, shape, pixel_size).overlap(maps, poses)
 
 
 def _validate(
@@ -219,6 +339,31 @@ def _validate(
                 f"U/S maps must be (n, rows, cols) with n = {len(poses)} frames, got {m.shape}"
             )
     return maps
+
+
+def _ascend(
+    score: Callable[[NDArray[np.float64]], float], start: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], float]:
+    """Coordinate ascent over the six parameters with :data:`ASCENT_STEPS`, within bounds."""
+    limits = np.array(
+        [MAX_TILT_DEG, MAX_TILT_DEG, MAX_NORMAL_MM, MAX_SHIFT_MM, MAX_SHIFT_MM, MAX_IN_PLANE_DEG]
+    )
+    best_vector = np.clip(start, -limits, limits)
+    best = score(best_vector)
+    for steps in ASCENT_STEPS:
+        improved = True
+        while improved:
+            improved = False
+            for axis in range(6):
+                for sign in (-1.0, 1.0):
+                    candidate = best_vector.copy()
+                    candidate[axis] += sign * steps[axis]
+                    if abs(candidate[axis]) > limits[axis]:
+                        continue
+                    value = score(candidate)
+                    if value > best:
+                        best_vector, best, improved = candidate, value, True
+    return best_vector, best
 
 
 def search_plane_offset(
@@ -258,45 +403,58 @@ def search_plane_offset(
     matrices = np.asarray(poses, dtype=np.float64)
     pivots = np.asarray(pivots_uv, dtype=np.float64)
     maps = _validate(ct_maps, us_maps, matrices, pivots)
-    limits = np.array([MAX_TILT_DEG, MAX_TILT_DEG, MAX_NORMAL_MM, MAX_SHIFT_MM, MAX_SHIFT_MM])
+    # Every other frame for the coarse grid: half the cost, and the grid only ranks starts.
+    coarse = np.arange(0, len(matrices), 2)
+    coarse_maps = [m[coarse] for m in maps]
+    sampler = SectionSampler(ct_maps, (int(maps[0].shape[1]), int(maps[0].shape[2])), pixel_size)
     scores: dict[tuple[float, ...], float] = {}
+    coarse_scores: dict[tuple[float, ...], float] = {}
 
     def score(vector: NDArray[np.float64]) -> float:
         key = tuple(np.round(vector, 6))
         if key not in scores:
             corrected = PlaneOffset.from_vector(vector).apply(matrices, pivots)
-            scores[key] = structure_overlap(ct_maps, maps, corrected, pixel_size)
+            scores[key] = sampler.overlap(maps, corrected)
         return scores[key]
 
-    start = np.zeros(5)
+    def coarse_score(vector: NDArray[np.float64]) -> float:
+        key = tuple(np.round(vector, 6))
+        if key not in coarse_scores:
+            corrected = PlaneOffset.from_vector(vector).apply(matrices[coarse], pivots[coarse])
+            coarse_scores[key] = sampler.overlap(coarse_maps, corrected)
+        return coarse_scores[key]
+
+    start = np.zeros(6)
     before = score(start)
-    # Stage 1: the normal offset alone, exhaustively (ties keep the smallest move).
+    # Stage 1: the coarse grid; sorted by score, ties towards the smaller move.
+    grid = [np.array([0.0, 0.0, w, 0.0, 0.0, 0.0]) for w in NORMAL_GRID_MM]
+    grid += [
+        np.array([tilt_u, tilt_v, w, 0.0, 0.0, 0.0])
+        for tilt_u in TILT_GRID_DEG
+        for tilt_v in TILT_GRID_DEG
+        for w in COARSE_NORMAL_GRID_MM
+        if (tilt_u, tilt_v) != (0.0, 0.0)
+    ]
+    ranked = sorted(grid, key=lambda v: (-coarse_score(v), float(np.abs(v).sum())))
+    starts = [next(v for v in ranked if v[0] == 0.0 and v[1] == 0.0)]
+    spacing = TILT_GRID_DEG[1] - TILT_GRID_DEG[0]
+    for vector in ranked:
+        if len(starts) > ASCENT_STARTS:
+            break
+        if all(np.abs(vector[:2] - other[:2]).max() > spacing for other in starts):
+            starts.append(vector)
+    # Stage 2: coordinate ascent from each start; the best score wins (the first on ties).
     best_vector, best = start, before
-    for normal in sorted(NORMAL_GRID_MM, key=abs):
-        candidate = np.array([0.0, 0.0, normal, 0.0, 0.0])
-        value = score(candidate)
+    for first in starts:
+        vector, value = _ascend(score, first)
         if value > best:
-            best_vector, best = candidate, value
-    # Stage 2: coordinate ascent over the five parameters with halving steps.
-    for steps in ASCENT_STEPS:
-        improved = True
-        while improved:
-            improved = False
-            for axis in range(5):
-                for sign in (-1.0, 1.0):
-                    candidate = best_vector.copy()
-                    candidate[axis] += sign * steps[axis]
-                    if abs(candidate[axis]) > limits[axis]:
-                        continue
-                    value = score(candidate)
-                    if value > best:
-                        best_vector, best, improved = candidate, value, True
+            best_vector, best = vector, value
     return PlaneSearchResult(
         offset=PlaneOffset.from_vector(best_vector),
         score_before=before,
         score_after=best,
         frames=tuple(int(k) for k in (frames if frames is not None else range(len(matrices)))),
-        evaluations=len(scores),
+        evaluations=len(scores) + len(coarse_scores),
         seconds=time.perf_counter() - started,
         structures=tuple(str(s) for s in structures),
     )
