@@ -166,19 +166,23 @@ def evaluate_case(
             poses[f"{stage}_r{also_refinements}"] = registrar.register(prepared)
             registrar.refinements = refinements
 
-    poses: dict[str, Any] = {"initial": None}
-    register("pretrained")
-    initial = poses["pretrained"].initial_matrices
-    planes: dict[str, Any] = {}
-    if sinus is not None:
+    def register_searched(stage: str) -> None:
+        """The current weights with the plane search applied: row ``{stage}_sinus``."""
         search = registrar.search_plane(prepared)
-        poses["pretrained_sinus"] = registrar.register(prepared)
+        poses[f"{stage}_sinus"] = registrar.register(prepared)
         registrar.plane_search = None
-        planes["pretrained"] = {
+        planes[stage] = {
             **search.offset.to_dict(),
             "seconds": search.seconds,
             "score": search.score_after,
         }
+
+    poses: dict[str, Any] = {"initial": None}
+    planes: dict[str, Any] = {}
+    register("pretrained")
+    initial = poses["pretrained"].initial_matrices
+    if sinus is not None:
+        register_searched("pretrained")
     frames = np.arange(sequence.n_frames)
     seconds = 0.0
     if adapt:
@@ -187,14 +191,7 @@ def evaluate_case(
         seconds = time.perf_counter() - started
         register("adapted")
         if sinus is not None:
-            search = registrar.search_plane(prepared)
-            poses["adapted_sinus"] = registrar.register(prepared)
-            registrar.plane_search = None
-            planes["adapted"] = {
-                **search.offset.to_dict(),
-                "seconds": search.seconds,
-                "score": search.score_after,
-            }
+            register_searched("adapted")
             # What register does with sinus maps: the same adaptation, then the weights before
             # or after it, whichever overlaps better after its own search.
             registrar.reset()

@@ -509,9 +509,8 @@ def _sinus_masks(case: SimulatedCase) -> tuple[sitk.Image, np.ndarray]:
     return ct_sinus, np.isin(case.us_labels, sinus_labels()).astype(np.uint8)
 
 
-def test_plane_search_after_adaptation_corrects_every_frame(
-    case: SimulatedCase, sequence: UltrasoundSequence
-) -> None:
+def _sinus_registrar(case: SimulatedCase) -> tuple[Registrar, sitk.Image, np.ndarray]:
+    """A registrar with a random tiny network and the CT sinus mask; both sinus masks."""
     ct_sinus, us_sinus = _sinus_masks(case)
     registrar = Registrar(
         case.ct,
@@ -520,6 +519,13 @@ def test_plane_search_after_adaptation_corrects_every_frame(
         ct_sinus_mask=ct_sinus,
         device="cpu",
     )
+    return registrar, ct_sinus, us_sinus
+
+
+def test_plane_search_after_adaptation_corrects_every_frame(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    registrar, ct_sinus, us_sinus = _sinus_registrar(case)
     # Only the scanned kidney's sinus is kept.
     kept = sitk.GetArrayViewFromImage(registrar.ct_sinus_mask)
     assert 0 < kept.sum() < sitk.GetArrayViewFromImage(ct_sinus).sum()
@@ -557,14 +563,7 @@ def test_plane_search_after_adaptation_corrects_every_frame(
 def test_adaptation_with_plane_search_keeps_the_better_overlapping_weights(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:
-    ct_sinus, us_sinus = _sinus_masks(case)
-    registrar = Registrar(
-        case.ct,
-        tiny_net(identity=False, seed=3),
-        ct_mask=case.ct_kidney_mask,
-        ct_sinus_mask=ct_sinus,
-        device="cpu",
-    )
+    registrar, _, us_sinus = _sinus_registrar(case)
     before = {k: v.clone() for k, v in registrar.net.state_dict().items()}
     prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
     record = registrar.adapt(prepared, frames_idx=[4, 7], epochs=1)
