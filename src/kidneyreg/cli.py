@@ -522,7 +522,8 @@ _SinusNetworksOption = Annotated[
     typer.Option(
         "--sinus-networks/--no-sinus-networks",
         help="Renal-sinus maps from feature networks where no sinus mask is given, for the plane "
-        "search after adaptation.",
+        "search after adaptation (experimental: the networks trained so far made it worse; see "
+        "docs/models.md).",
     ),
 ]
 _CtSinusFeaturesOption = Annotated[
