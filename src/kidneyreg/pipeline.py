@@ -1483,12 +1483,15 @@ class Registrar:
         run_search = with_sinus if plane_search is None else plane_search
         before: PlaneSearchResult | None = None
         before_state: dict[str, torch.Tensor] = {}
-        search_frames = np.arange(*cycle) if cycle is not None else centres
+        search_frames = (np.arange(*cycle) if cycle is not None else centres).tolist()
+        search_s = 0.0  # both searches, the estimates they start from included
         if run_search:
             # The weights before adaptation get their own correction, on the frames the adapted
             # ones will be searched on: the better overlap of the two is kept (below).
             before_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            before = self.search_plane(prepared, frames_idx=search_frames.tolist())
+            search_started = time.perf_counter()
+            before = self.search_plane(prepared, frames_idx=search_frames)
+            search_s = time.perf_counter() - search_started
             self.plane_search = None
         windows = [self._window(prepared, int(c)) for c in centres]
 
@@ -1520,13 +1523,15 @@ class Registrar:
             cycle=cycle,
             lr=float(lr),
             batch_size=int(batch_size),
-            seconds=time.perf_counter() - started - (0.0 if before is None else before.seconds),
+            seconds=time.perf_counter() - started - search_s,
             loss_history=log.loss_history,
             epoch_losses=log.epoch_losses,
             anchor_weight=float(anchor_weight),
         )
         if before is not None:
-            after = self.search_plane(prepared, frames_idx=search_frames.tolist())
+            search_started = time.perf_counter()
+            after = self.search_plane(prepared, frames_idx=search_frames)
+            search_s += time.perf_counter() - search_started
             record = self.adaptation
             record.search_scores = (before.score_after, after.score_after)
             kept = after
@@ -1545,7 +1550,7 @@ class Registrar:
                     f"{after.score_after:.3f})"
                 )
             # Its time is that of both searches.
-            self.plane_search = replace(kept, seconds=before.seconds + after.seconds)
+            self.plane_search = replace(kept, seconds=search_s)
         return self.adaptation
 
     def search_plane(

@@ -163,7 +163,8 @@ class PlaneSearchResult:
         score_after: Overlap score of the corrected poses.
         frames: Frames the score was computed on.
         evaluations: Number of poses scored.
-        seconds: Search time.
+        seconds: Search time (as kept by ``Registrar.adapt``: both of its searches, with the
+            network passes that give their starting estimates).
         structures: Names of the structures scored.
     """
 
