@@ -1485,13 +1485,19 @@ class Registrar:
         before_state: dict[str, torch.Tensor] = {}
         search_frames = (np.arange(*cycle) if cycle is not None else centres).tolist()
         search_s = 0.0  # both searches, the estimates they start from included
+
+        def timed_search() -> PlaneSearchResult:
+            nonlocal search_s
+            search_started = time.perf_counter()
+            result = self.search_plane(prepared, frames_idx=search_frames)
+            search_s += time.perf_counter() - search_started
+            return result
+
         if run_search:
             # The weights before adaptation get their own correction, on the frames the adapted
             # ones will be searched on: the better overlap of the two is kept (below).
             before_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            search_started = time.perf_counter()
-            before = self.search_plane(prepared, frames_idx=search_frames)
-            search_s = time.perf_counter() - search_started
+            before = timed_search()
             self.plane_search = None
         windows = [self._window(prepared, int(c)) for c in centres]
 
@@ -1529,9 +1535,7 @@ class Registrar:
             anchor_weight=float(anchor_weight),
         )
         if before is not None:
-            search_started = time.perf_counter()
-            after = self.search_plane(prepared, frames_idx=search_frames)
-            search_s += time.perf_counter() - search_started
+            after = timed_search()
             record = self.adaptation
             record.search_scores = (before.score_after, after.score_after)
             kept = after
@@ -1541,7 +1545,6 @@ class Registrar:
             if before.score_after > after.score_after:
                 self.net.load_state_dict(before_state)
                 self.net.eval()
-                self._refined.clear()
                 record.undone = True
                 kept = before
                 self._log(

@@ -42,6 +42,8 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike, NDArray
 
+from kidneyreg.io.image import grid_difference
+
 __all__ = [
     "PlaneOffset",
     "PlaneSearchResult",
@@ -225,22 +227,17 @@ class SectionSampler:
         reference = ct_maps[0]
         packed = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
         for bit, image in enumerate(ct_maps):
-            if not _same_grid(image, reference):
+            if grid_difference(image, reference) is not None:
                 image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor)
             packed |= (sitk.GetArrayViewFromImage(image) != 0).astype(np.uint8) << bit
         self.n_structures = len(ct_maps)
-        nonzero = np.nonzero(packed.any(axis=(1, 2)))[0], np.nonzero(packed.any(axis=(0, 2)))[0]
-        columns = np.nonzero(packed.any(axis=(0, 1)))[0]
-        if nonzero[0].size == 0:
-            self._low = np.zeros(3, dtype=np.int64)
-            self._packed = np.zeros((1, 1, 1), dtype=np.uint8)
-        else:
-            low = np.array([nonzero[0][0], nonzero[1][0], columns[0]])  # (z, y, x)
-            high = np.array([nonzero[0][-1], nonzero[1][-1], columns[-1]]) + 1
-            self._low = low
-            self._packed = np.ascontiguousarray(
-                packed[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
-            )
+        inside = np.argwhere(packed)
+        # (z, y, x) corner of the maps' common bounding box; all empty: one empty voxel.
+        self._low = inside.min(axis=0) if inside.size else np.zeros(3, dtype=np.int64)
+        high = inside.max(axis=0) + 1 if inside.size else np.ones(3, dtype=np.int64)
+        self._packed = np.ascontiguousarray(
+            packed[self._low[0] : high[0], self._low[1] : high[1], self._low[2] : high[2]]
+        )
         direction = np.array(reference.GetDirection(), dtype=np.float64).reshape(3, 3)
         scaled = direction * np.array(reference.GetSpacing(), dtype=np.float64)
         self._to_index = np.linalg.inv(scaled)  # world mm -> continuous (x, y, z) index
@@ -282,15 +279,6 @@ class SectionSampler:
         return total
 
 
-def _same_grid(image: sitk.Image, reference: sitk.Image) -> bool:
-    return (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin())
-        and np.allclose(image.GetSpacing(), reference.GetSpacing())
-        and np.allclose(image.GetDirection(), reference.GetDirection())
-    )
-
-
 def structure_overlap(
     ct_maps: Sequence[sitk.Image],
     us_maps: Sequence[NDArray[np.bool_]],
@@ -326,9 +314,6 @@ def _validate(
         raise ValueError(
             f"need one CT and one U/S map per structure, got {len(ct_maps)} and {len(us_maps)}"
         )
-    for image in ct_maps:
-        if not isinstance(image, sitk.Image) or image.GetDimension() != 3:
-            raise TypeError("CT maps must be 3D SimpleITK images")
     if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(poses) == 0:
         raise ValueError(f"poses must have shape (n, 4, 4) with n >= 1, got {poses.shape}")
     if pivots.shape != (len(poses), 2):
