@@ -73,15 +73,7 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
     simulate_s = time.perf_counter() - started
     ct_sinus, us_sinus = None, None
     if args.sinus:
-        import SimpleITK as sitk
-
-        from kidneyreg.simulate.tissues import sinus_labels
-
-        ct_sinus = sitk.GetImageFromArray(
-            np.isin(sitk.GetArrayFromImage(case.labels), sinus_labels()).astype(np.uint8)
-        )
-        ct_sinus.CopyInformation(case.labels)
-        us_sinus = np.isin(case.us_labels, sinus_labels())
+        ct_sinus, us_sinus = case.sinus_masks()
     registrar = Registrar(
         case.ct,
         _model(profile, args.model, args.slab),

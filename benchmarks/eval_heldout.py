@@ -53,7 +53,7 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model
-from kidneyreg.simulate.tissues import sinus_labels
+from kidneyreg.simulate.case import sinus_mask_image
 
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
@@ -133,12 +133,9 @@ def evaluate_case(
         init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
     ct_sinus = us_sinus = None
     if sinus == "masks":
-        labels = sitk.ReadImage(str(case / "labels.nii.gz"))
-        inside = np.isin(sitk.GetArrayFromImage(labels), sinus_labels()).astype(np.uint8)
-        ct_sinus = sitk.GetImageFromArray(inside)
-        ct_sinus.CopyInformation(labels)
-        us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
-        us_sinus = np.isin(us_labels, sinus_labels()).astype(np.uint8)
+        ct_sinus = sinus_mask_image(sitk.ReadImage(str(case / "labels.nii.gz")))
+        us_labels = sitk.ReadImage(str(case / "us_labels.nii.gz"))
+        us_sinus = sitk.GetArrayFromImage(sinus_mask_image(us_labels))
     registrar = Registrar(
         ct,
         model,

@@ -198,15 +198,11 @@ def test_bad_models_are_one_line_errors(
 
 def _sinus_files(files: dict[str, Path]) -> tuple[Path, Path]:
     """Renal-sinus masks of the case (sinus fat + collecting system of the label maps)."""
-    from kidneyreg.simulate.tissues import sinus_labels
+    from kidneyreg.simulate.case import sinus_mask_image
 
     written = []
     for modality, labels_name in (("ct", "labels.nii.gz"), ("us", "us_labels.nii.gz")):
-        labels = sitk.ReadImage(str(files["ct"].parent / labels_name))
-        sinus = sitk.GetImageFromArray(
-            np.isin(sitk.GetArrayFromImage(labels), sinus_labels()).astype(np.uint8)
-        )
-        sinus.CopyInformation(labels)
+        sinus = sinus_mask_image(sitk.ReadImage(str(files["ct"].parent / labels_name)))
         path = files["root"] / f"{modality}_sinus.nii.gz"
         sitk.WriteImage(sinus, str(path))
         written.append(path)

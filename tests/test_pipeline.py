@@ -33,7 +33,6 @@ from kidneyreg.pipeline import (
 from kidneyreg.preprocess import kidney_centroid
 from kidneyreg.registration import RegistrationConfig, RegistrationNet
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data
-from kidneyreg.simulate.tissues import sinus_labels
 
 N_FRAMES = 14
 
@@ -500,18 +499,9 @@ def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
         pipeline.persistent_region(np.zeros((3, 3), bool))
 
 
-def _sinus_masks(case: SimulatedCase) -> tuple[sitk.Image, np.ndarray]:
-    """Renal-sinus masks from the simulator's labels: CT (both kidneys) and U/S frames."""
-    ct_sinus = sitk.GetImageFromArray(
-        np.isin(sitk.GetArrayFromImage(case.labels), sinus_labels()).astype(np.uint8)
-    )
-    ct_sinus.CopyInformation(case.labels)
-    return ct_sinus, np.isin(case.us_labels, sinus_labels()).astype(np.uint8)
-
-
 def _sinus_registrar(case: SimulatedCase) -> tuple[Registrar, sitk.Image, np.ndarray]:
     """A registrar with a random tiny network and the CT sinus mask; both sinus masks."""
-    ct_sinus, us_sinus = _sinus_masks(case)
+    ct_sinus, us_sinus = case.sinus_masks()
     registrar = Registrar(
         case.ct,
         tiny_net(identity=False, seed=3),
@@ -595,7 +585,7 @@ def test_adaptation_with_plane_search_keeps_the_better_overlapping_weights(
 def test_plane_search_refuses_missing_or_bad_sinus_masks(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:
-    ct_sinus, us_sinus = _sinus_masks(case)
+    ct_sinus, us_sinus = case.sinus_masks()
     registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
     prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
     with pytest.raises(ValueError, match="sinus masks of the CT"):

@@ -72,7 +72,7 @@ from kidneyreg.simulate.probe import (
     place_probe_in_window,
 )
 from kidneyreg.simulate.real_anatomy import read_real_anatomy
-from kidneyreg.simulate.tissues import PHASES
+from kidneyreg.simulate.tissues import PHASES, sinus_labels
 from kidneyreg.simulate.ultrasound import RandomAcoustics, UltrasoundRenderer
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "simulate_case",
     "simulate_case_data",
     "simulate_cohort",
+    "sinus_mask_image",
     "write_case",
 ]
 
@@ -157,6 +158,36 @@ class SimulatedCase:
     breathing: dict[str, Any]
     initial_pose: NDArray[np.float64]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def sinus_masks(self) -> tuple[sitk.Image, NDArray[np.uint8]]:
+        """Renal-sinus masks from the label maps: the CT's (both kidneys) and the U/S frames'.
+
+        Example:
+            >>> case = simulate_case_data(0, profile="tiny")  # doctest: +SKIP
+            >>> ct_sinus, us_sinus = case.sinus_masks()  # doctest: +SKIP
+        """
+        return sinus_mask_image(self.labels), sinus_mask_array(self.us_labels)
+
+
+def sinus_mask_array(labels: NDArray[np.integer]) -> NDArray[np.uint8]:
+    """uint8 mask of the renal-sinus labels (:func:`~kidneyreg.simulate.tissues.sinus_labels`)."""
+    return np.isin(labels, sinus_labels()).astype(np.uint8)
+
+
+def sinus_mask_image(labels: sitk.Image) -> sitk.Image:
+    """uint8 renal-sinus mask of a label map (a CT's or a U/S sequence's), on its grid.
+
+    The renal sinus (sinus fat and collecting system) is the second structure the plane search
+    scores; the simulator's label maps give it exactly.
+
+    Example:
+        >>> labels = sitk.GetImageFromArray(np.array([[[0, 11, 12, 9]]], np.uint8))
+        >>> sitk.GetArrayFromImage(sinus_mask_image(labels)).tolist()
+        [[[0, 1, 1, 0]]]
+    """
+    mask = sitk.GetImageFromArray(sinus_mask_array(sitk.GetArrayViewFromImage(labels)))
+    mask.CopyInformation(labels)
+    return mask
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
