@@ -106,6 +106,7 @@ def evaluate_case(
     also_anchors: Sequence[float] = (),
     use_init: bool = False,
     also_refinements: int | None = None,
+    also_frames_per_window: int | None = None,
     sinus: str | None = None,
     sinus_models: tuple[Path | None, Path | None] = (None, None),
 ) -> dict[str, Any]:
@@ -113,13 +114,15 @@ def evaluate_case(
 
     With ``also_refinements`` the pretrained and the adapted model also register with that many
     refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
-    two settings differ only in the passes. Each of ``also_anchors`` adapts the pretrained model
-    again with that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
-    ``sinus="masks"`` the CT and the U/S get renal-sinus masks from the simulator's label maps
-    (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None:
-    the bundled ones), and ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained /
-    adapted model with the plane search (:meth:`Registrar.search_plane`) applied; the rows
-    without the suffix stay without it.
+    two settings differ only in the passes. With ``also_frames_per_window`` ``m`` they also
+    register with ``m`` frames per window's estimates (``"pretrained_f3"``, ``"adapted_f3"`` for
+    3; :attr:`Registrar.frames_per_window`), again after the same adaptation. Each of
+    ``also_anchors`` adapts the pretrained model again with that anchor weight (``"adapted_a0"``
+    for 0, scored on the same frames). With ``sinus="masks"`` the CT and the U/S get renal-sinus
+    masks from the simulator's label maps (with ``"network"`` from the sinus feature networks
+    ``sinus_models``, CT and U/S; None: the bundled ones), and ``"pretrained_sinus"`` /
+    ``"adapted_sinus"`` are the pretrained / adapted model with the plane search
+    (:meth:`Registrar.search_plane`) applied; the rows without the suffix stay without it.
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -162,6 +165,10 @@ def evaluate_case(
             registrar.refinements = also_refinements
             poses[f"{stage}_r{also_refinements}"] = registrar.register(prepared)
             registrar.refinements = refinements
+        if also_frames_per_window is not None:
+            registrar.frames_per_window = also_frames_per_window
+            poses[f"{stage}_f{also_frames_per_window}"] = registrar.register(prepared)
+            registrar.frames_per_window = 1
 
     def register_searched(stage: str) -> None:
         """The current weights with the plane search applied: row ``{stage}_sinus``."""
@@ -286,6 +293,12 @@ def main() -> None:
         help="also register with this many passes (same adaptation), e.g. 0",
     )
     parser.add_argument(
+        "--also-frames-per-window",
+        type=int,
+        default=None,
+        help="also register with this many frames per window's estimates (same adaptation)",
+    )
+    parser.add_argument(
         "--sinus",
         choices=("masks", "network"),
         default=None,
@@ -312,6 +325,7 @@ def main() -> None:
                 also_anchors=args.also_anchor,
                 use_init=args.init,
                 also_refinements=args.also_refinements,
+                also_frames_per_window=args.also_frames_per_window,
                 sinus=args.sinus,
                 sinus_models=(args.ct_sinus_features, args.us_sinus_features),
             )

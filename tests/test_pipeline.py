@@ -348,7 +348,8 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     second = refined.register(prepared)
     assert second.extras["refinements"] == 1
     k = 5
-    compact, P = single._window(prepared, k)
+    compact, P_window = single._window(prepared, k)
+    P = P_window[2]
     moved = first[k] @ np.linalg.inv(P)
     moving = sample_grid(
         single._cache, single._cache_origin, single.profile.spacing, moved, single.profile
@@ -361,6 +362,46 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     assert second.extras["refinement_volumes"] == prepared.n_frames
     with pytest.raises(ValueError, match="refinements"):
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
+
+
+def test_frames_per_window_use_the_estimates_of_their_window_positions(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    from kidneyreg.registration.transformer import embed_window
+
+    net = tiny_net(identity=False, seed=3)
+    paper = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
+    prepared = paper.prepare(sequence, case.us_kidney_mask, detect=False)
+    every = paper.register(prepared)
+    shared = Registrar(
+        case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0, frames_per_window=3
+    )
+    result = shared.register(prepared)
+    # 14 frames, windows centred on 1, 4, 7, 10 and 13 (the last serves frames 12 and 13 only).
+    expected_centres = [1, 1, 1, 4, 4, 4, 7, 7, 7, 10, 10, 10, 13, 13]
+    assert result.window_centres is not None
+    assert result.window_centres.tolist() == expected_centres
+    assert result.extras["frames_per_window"] == 3
+    # A window's middle frame gets what the paper's registration gives it ...
+    centres = sorted(set(expected_centres))
+    np.testing.assert_allclose(result.matrices[centres], every.matrices[centres], atol=1e-4)
+    # ... and its neighbours the window's output for their own positions: M = G D[k] P[k].
+    compact, P = shared._window(prepared, 4)
+    fixed = embed_window(compact[None], shared.profile.volume_shape[0])
+    with torch.inference_mode():
+        D = shared.net(fixed, shared.moving_volume(0)[None]).matrices[0].double().numpy()
+    G = shared.grids[0].matrix
+    for k, position in ((3, 1), (5, 3)):
+        np.testing.assert_allclose(result.matrices[k], G @ D[position] @ P[position], atol=1e-4)
+        assert not np.allclose(result.matrices[k], every.matrices[k], atol=1e-4)
+    assert result.loss_terms["dice"][3] != result.loss_terms["dice"][4]
+    assert result.loss_terms["loss"][3] == result.loss_terms["loss"][4]
+    assert set(result.loss_terms) == set(every.loss_terms)
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="frames_per_window"):
+            shared.frames_per_window = bad
+    with pytest.raises(TypeError, match="frames_per_window"):
+        shared.frames_per_window = 2.0  # type: ignore[assignment]
 
 
 def test_default_refines_the_pretrained_model_and_not_the_adapted_one(

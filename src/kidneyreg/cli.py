@@ -584,6 +584,7 @@ def _registrar_inputs(
     profile: str | None,
     kidney: str,
     refinements: int | None = None,
+    frames_per_window: int = 1,
     ct_sinus_mask: Path | None = None,
     sinus_networks: bool = False,
     ct_sinus_features: Path | None = None,
@@ -607,6 +608,12 @@ def _registrar_inputs(
     if us_spacing is not None and not us_spacing > 0:
         raise InputError("--us-spacing", f"must be a positive pixel size in mm, got {us_spacing}")
     reg_model = load_registration_model(model, profile=profile)
+    nw = int(reg_model.profile.window)
+    if not 1 <= frames_per_window <= nw:
+        raise InputError(
+            "--frames-per-window",
+            f"must be in 1..{nw} (the window's frames), got {frames_per_window}",
+        )
     ct_image = read_ct(ct)
     ct_kidney = None if ct_mask is None else read_mask(ct_mask, ct_image, kind="kidney mask")
     ct_sinus = (
@@ -627,6 +634,7 @@ def _registrar_inputs(
         init=init_poses,
         kidney=kidney,
         refinements=refinements,
+        frames_per_window=frames_per_window,
         ct_source=str(ct),
         ct_mask_source=str(ct_mask),
         ct_sinus_mask=ct_sinus,
@@ -721,6 +729,15 @@ def register(
             "(default: 1 with --no-adapt, 0 after adaptation; 0: the paper's single pass).",
         ),
     ] = None,
+    frames_per_window: Annotated[
+        int,
+        typer.Option(
+            "--frames-per-window",
+            help="Frames registered by each network call: the window's middle and its "
+            "neighbours, from the estimates for their own positions (1: the paper's, every "
+            "frame the middle of its own window; 3: a third of the network calls).",
+        ),
+    ] = 1,
 ) -> None:
     """Register every U/S frame to the CT (one-cycle adaptation first, unless --no-adapt)."""
     from tqdm import tqdm
@@ -750,6 +767,7 @@ def register(
             profile=profile,
             kidney=kidney,
             refinements=refinements,
+            frames_per_window=frames_per_window,
             ct_sinus_mask=ct_sinus_mask,
             sinus_networks=sinus_networks,
             ct_sinus_features=ct_sinus_features,
