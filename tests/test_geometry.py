@@ -387,3 +387,21 @@ def test_resampling_rejects_bad_arguments() -> None:
         g.resample_on_frame(volume, np.eye(4), (5, 5), (1, -1))
     with pytest.raises(TypeError):
         g.resample_on_frame(np.zeros((3, 3, 3)), np.eye(4), (5, 5), (1, 1))  # type: ignore[arg-type]
+
+
+def test_interpolate_rigid_slerps_rotations_and_blends_translations() -> None:
+    first = g.euler_to_matrix([0.1, -0.2, 0.3, 1.0, 2.0, 3.0])
+    last = g.euler_to_matrix([0.3, 0.1, 0.2, -5.0, 4.0, 9.0])
+    out = g.interpolate_rigid([2, 6], [first, last], [0, 2, 3, 6, 9])
+    np.testing.assert_allclose(out[[0, 1]], [first, first], atol=1e-12)  # before and at the start
+    np.testing.assert_allclose(out[[3, 4]], [last, last], atol=1e-12)  # at and after the end
+    assert all(g.is_rigid(m) for m in out)
+    # A quarter of the way: a quarter of the relative rotation, a quarter of the translation.
+    relative = np.linalg.inv(first[:3, :3]) @ out[2, :3, :3]
+    whole = np.linalg.inv(first[:3, :3]) @ last[:3, :3]
+    assert np.isclose(g.rotation_angle_deg(relative), g.rotation_angle_deg(whole) / 4)
+    np.testing.assert_allclose(out[2, :3, 3], first[:3, 3] + (last[:3, 3] - first[:3, 3]) / 4)
+    with pytest.raises(ValueError, match="increasing"):
+        g.interpolate_rigid([3, 1], [first, last], [2])
+    with pytest.raises(ValueError, match="one time per matrix"):
+        g.interpolate_rigid([1], [first, last], [2])

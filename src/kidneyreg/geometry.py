@@ -31,6 +31,7 @@ __all__ = [
     "euler_to_matrix_torch",
     "frame_pose",
     "frame_reference_image",
+    "interpolate_rigid",
     "invert_rigid",
     "invert_rigid_torch",
     "is_rigid",
@@ -292,6 +293,48 @@ def transform_points(matrix: ArrayLike, points: ArrayLike) -> NDArray[np.float64
         raise ValueError(f"matrix must be one 4x4 matrix, got shape {m.shape}")
     pts = _as_array(points, "points", (3,))
     return np.asarray(pts @ m[:3, :3].T + m[:3, 3], dtype=np.float64)
+
+
+def interpolate_rigid(times: ArrayLike, matrices: ArrayLike, at: ArrayLike) -> NDArray[np.float64]:
+    """Rigid 4x4 matrices known at ``times``, interpolated at ``at``.
+
+    Rotations by spherical linear interpolation, translations linearly, between the two known
+    neighbours of each query; queries outside ``times`` take the nearest end.
+
+    Args:
+        times: Increasing ``(m,)`` times (e.g. frame indices) of the known matrices.
+        matrices: ``(m, 4, 4)`` rigid matrices.
+        at: ``(n,)`` query times.
+
+    Returns:
+        ``(n, 4, 4)``.
+
+    Example:
+        >>> turned = euler_to_matrix([0, 0, 0.2, 4, 0, 0])
+        >>> half = interpolate_rigid([0, 2], [np.eye(4), turned], [1])
+        >>> round(rotation_angle_deg(half[0]), 6), float(half[0, 0, 3])
+        (5.729578, 2.0)
+    """
+    from scipy.spatial.transform import Rotation, Slerp
+
+    known = _as_array(matrices, "matrices", (4, 4)).reshape(-1, 4, 4)
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    query = np.asarray(at, dtype=np.float64).reshape(-1)
+    if len(t) != len(known) or len(t) == 0:
+        raise ValueError(f"need one time per matrix, got {len(t)} times and {len(known)} matrices")
+    if not (np.all(np.isfinite(t)) and np.all(np.diff(t) > 0)):
+        raise ValueError("times must be finite and strictly increasing")
+    if not np.all(np.isfinite(query)):
+        raise ValueError("query times must be finite")
+    clipped = np.clip(query, t[0], t[-1])
+    out = np.tile(np.eye(4), (len(query), 1, 1))
+    if len(t) == 1:
+        out[:] = known[0]
+        return out
+    out[:, :3, :3] = Slerp(t, Rotation.from_matrix(known[:, :3, :3]))(clipped).as_matrix()
+    for axis in range(3):
+        out[:, axis, 3] = np.interp(clipped, t, known[:, axis, 3])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
