@@ -9,8 +9,8 @@ U/S preparation) and measures, as medians over repeated runs:
 * ``register``: :meth:`Registrar.register` on the whole prepared sequence, milliseconds per frame
   (windows built, batched network inference with the per-frame FIM loss terms, ``M_k``
   composed), after one warm-up run; and ``ms_per_frame`` with the U/S preparation included
-  (``--frames-per-window m``: each window registers its middle frame and its neighbours,
-  ``1 / m`` of the network calls; the streaming path keeps one frame per window);
+  (``--frame-step m``: the network runs on every ``m``-th frame and the poses between are
+  interpolated, ``1 / m`` of the network calls; the streaming path registers every window);
 * ``stream``: :meth:`Registrar.register_frame` on single windows (what a live scanner feed
   costs per frame, no batching);
 * ``adapt``: :meth:`Registrar.adapt` with the paper's one-cycle strategy (2 epochs on the windows
@@ -84,7 +84,7 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         batch_size=args.batch_size,
         refinements=args.refinements,
-        frames_per_window=args.frames_per_window,
+        frame_step=args.frame_step,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,7 +131,7 @@ def bench_profile(profile: str, args: argparse.Namespace) -> dict[str, Any]:
         "decoder_slab_half_width": config.decoder_slab_half_width,
         "batch_size": registrar.batch_size,
         "refinements": registrar.refinements,
-        "frames_per_window": registrar.frames_per_window,
+        "frame_step": registrar.frame_step,
         "us_features": "network" if args.us_network else "masks",
         "register_ms_per_frame": statistics.median(per_frame),
         "register_ms_per_frame_min": min(per_frame),
@@ -173,10 +173,10 @@ def main() -> None:
         help="Extra passes per frame (default: what register runs after adaptation).",
     )
     parser.add_argument(
-        "--frames-per-window",
+        "--frame-step",
         type=int,
         default=1,
-        help="Frames registered by each window's network call (1: the paper's).",
+        help="Network on every N-th frame, the poses between interpolated (1: every frame).",
     )
     parser.add_argument(
         "--us-network",

@@ -41,7 +41,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,6 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from kidneyreg.evaluation.evaluate import evaluate_frames
-from kidneyreg.geometry import interpolate_rigid
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
@@ -108,7 +106,7 @@ def evaluate_case(
     also_anchors: Sequence[float] = (),
     use_init: bool = False,
     also_refinements: int | None = None,
-    also_frames_per_window: int | None = None,
+    also_frame_step: int | None = None,
     sinus: str | None = None,
     sinus_models: tuple[Path | None, Path | None] = (None, None),
 ) -> dict[str, Any]:
@@ -116,9 +114,10 @@ def evaluate_case(
 
     With ``also_refinements`` the pretrained and the adapted model also register with that many
     refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
-    two settings differ only in the passes. With ``also_frames_per_window`` ``m`` they also
-    register with ``m`` frames per window's estimates (``"pretrained_f3"``, ``"adapted_f3"`` for
-    3; :attr:`Registrar.frames_per_window`), again after the same adaptation. Each of
+    two settings differ only in the passes. With ``also_frame_step`` ``m`` they also
+    register with the network on every ``m``-th frame and the poses between interpolated
+    (``"pretrained_step3"``, ``"adapted_step3"`` for 3; :attr:`Registrar.frame_step`), again
+    after the same adaptation. Each of
     ``also_anchors`` adapts the pretrained model again with that anchor weight (``"adapted_a0"``
     for 0, scored on the same frames). With ``sinus="masks"`` the CT and the U/S get renal-sinus
     masks from the simulator's label maps (with ``"network"`` from the sinus feature networks
@@ -167,18 +166,10 @@ def evaluate_case(
             registrar.refinements = also_refinements
             poses[f"{stage}_r{also_refinements}"] = registrar.register(prepared)
             registrar.refinements = refinements
-        if also_frames_per_window is not None:
-            step = also_frames_per_window
-            registrar.frames_per_window = step
-            poses[f"{stage}_f{step}"] = registrar.register(prepared)
-            registrar.frames_per_window = 1
-            # The same number of network calls spent otherwise: every step-th frame (and the
-            # last) registered as the paper does, the frames between interpolated.
-            n = prepared.n_frames
-            keys = np.union1d(np.arange(0, n, step), [n - 1])
-            poses[f"{stage}_i{step}"] = SimpleNamespace(
-                matrices=interpolate_rigid(keys, poses[stage].matrices[keys], np.arange(n))
-            )
+        if also_frame_step is not None:
+            registrar.frame_step = also_frame_step
+            poses[f"{stage}_step{also_frame_step}"] = registrar.register(prepared)
+            registrar.frame_step = 1
 
     def register_searched(stage: str) -> None:
         """The current weights with the plane search applied: row ``{stage}_sinus``."""
@@ -303,10 +294,11 @@ def main() -> None:
         help="also register with this many passes (same adaptation), e.g. 0",
     )
     parser.add_argument(
-        "--also-frames-per-window",
+        "--also-frame-step",
         type=int,
         default=None,
-        help="also register with this many frames per window's estimates (same adaptation)",
+        help="also register with the network on every N-th frame, the poses between "
+        "interpolated (same adaptation)",
     )
     parser.add_argument(
         "--sinus",
@@ -335,7 +327,7 @@ def main() -> None:
                 also_anchors=args.also_anchor,
                 use_init=args.init,
                 also_refinements=args.also_refinements,
-                also_frames_per_window=args.also_frames_per_window,
+                also_frame_step=args.also_frame_step,
                 sinus=args.sinus,
                 sinus_models=(args.ct_sinus_features, args.us_sinus_features),
             )

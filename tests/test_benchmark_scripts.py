@@ -254,7 +254,7 @@ def test_paired_methods_compare_patient_means_over_test_frames(tmp_path: Path) -
         paired.read_rows(tmp_path)
 
 
-def test_second_refinement_and_frames_per_window_settings_score_as_their_own_runs(
+def test_second_refinement_and_frame_step_settings_score_as_their_own_runs(
     tiny_case: Path,
 ) -> None:
     heldout = _load("eval_heldout")
@@ -271,14 +271,14 @@ def test_second_refinement_and_frames_per_window_settings_score_as_their_own_run
         features="masks",
         refinements=1,
         also_refinements=0,
-        also_frames_per_window=3,
+        also_frame_step=3,
     )
     single = heldout.evaluate_case(tiny_case, model, adapt=False, features="masks", refinements=0)
     default = heldout.evaluate_case(tiny_case, model, adapt=False, features="masks", refinements=1)
     assert both["pretrained_r0"] == pytest.approx(single["pretrained"])
     assert both["pretrained"] == pytest.approx(default["pretrained"])
     assert both["pretrained"] != pytest.approx(both["pretrained_r0"])
-    assert both["pretrained_f3"] != pytest.approx(both["pretrained"])
+    assert both["pretrained_step3"] != pytest.approx(both["pretrained"])
 
 
 def test_the_plane_search_row_of_the_pretrained_model(tiny_case: Path) -> None:

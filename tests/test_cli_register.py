@@ -89,7 +89,7 @@ def test_register_writes_every_output(files: dict[str, Path]) -> None:
     out = files["root"] / "out"
     argv = _args(files, out, "--adapt-strategy", "one-shot", "--adapt-epochs", "1", "--no-video")
     result = runner.invoke(
-        app, [*argv, "--refinements", "2", "--anchor", "0.5", "--frames-per-window", "3"]
+        app, [*argv, "--refinements", "2", "--anchor", "0.5", "--frame-step", "3"]
     )
     assert result.exit_code == 0, result.output
     assert "warning: no breathing detected" in result.output
@@ -97,8 +97,8 @@ def test_register_writes_every_output(files: dict[str, Path]) -> None:
     assert transforms.extras["adaptation"]["mode"] == "one-shot"
     assert transforms.extras["kidney"]["side"] == "right"
     assert transforms.extras["refinements"] == 2
-    assert transforms.extras["frames_per_window"] == 3
-    assert [transforms.frame_extras[k]["window_centre"] for k in range(4)] == [1, 1, 1, 4]
+    assert transforms.extras["frame_step"] == 3
+    assert [transforms.frame_extras[k]["window_centre"] for k in range(5)] == [0, 0, 3, 3, 3]
     assert set(transforms.frame_extras[0]["confidence"]) == {"loss", "dice", "mind", "motion"}
     assert len(list((out / "tfm").glob("frame_*.tfm"))) == N_FRAMES
     for name in ("parameters.csv", "ct_planes.nii.gz", "overlays/montage.png", "timing.json"):
@@ -188,8 +188,8 @@ def test_bad_models_are_one_line_errors(
     assert line == f"error: {foreign}: is not a kidneyreg checkpoint (foreign PyTorch file)"
     line = _error_line([*_args(files, out), "--refinements", "-1"], monkeypatch, capsys)
     assert line == "error: --refinements: must be >= 0, got -1"
-    line = _error_line([*_args(files, out), "--frames-per-window", "9"], monkeypatch, capsys)
-    assert line == "error: --frames-per-window: must be in 1..5 (the window's frames), got 9"
+    line = _error_line([*_args(files, out), "--frame-step", "0"], monkeypatch, capsys)
+    assert line == "error: --frame-step: must be in 1..10, got 0"
     line = _error_line([*_args(files, out), "--anchor", "-1"], monkeypatch, capsys)
     assert line == "error: --anchor: must be >= 0, got -1.0"
     if not bundled_registration_path("tiny").is_file():

@@ -348,8 +348,7 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
     second = refined.register(prepared)
     assert second.extras["refinements"] == 1
     k = 5
-    compact, P_window = single._window(prepared, k)
-    P = P_window[2]
+    compact, P = single._window(prepared, k)
     moved = first[k] @ np.linalg.inv(P)
     moving = sample_grid(
         single._cache, single._cache_origin, single.profile.spacing, moved, single.profile
@@ -364,44 +363,37 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
 
 
-def test_frames_per_window_use_the_estimates_of_their_window_positions(
+def test_frame_step_registers_every_nth_frame_and_interpolates_between(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:
-    from kidneyreg.registration.transformer import embed_window
+    from kidneyreg.geometry import interpolate_rigid
 
     net = tiny_net(identity=False, seed=3)
-    paper = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
-    prepared = paper.prepare(sequence, case.us_kidney_mask, detect=False)
-    every = paper.register(prepared)
-    shared = Registrar(
-        case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0, frames_per_window=3
+    every = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
+    prepared = every.prepare(sequence, case.us_kidney_mask, detect=False)
+    paper = every.register(prepared)
+    stepped = Registrar(
+        case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0, frame_step=3
     )
-    result = shared.register(prepared)
-    # 14 frames, windows centred on 1, 4, 7, 10 and 13 (the last serves frames 12 and 13 only).
-    expected_centres = [1, 1, 1, 4, 4, 4, 7, 7, 7, 10, 10, 10, 13, 13]
+    result = stepped.register(prepared)
+    # 14 frames: 0, 3, 6, 9, 12 and the last, 13, run the network as the paper does ...
+    registered = [0, 3, 6, 9, 12, 13]
+    np.testing.assert_allclose(result.matrices[registered], paper.matrices[registered], atol=1e-4)
+    # ... and the frames between are interpolated between their registered neighbours.
+    between = interpolate_rigid(registered, paper.matrices[registered], np.arange(N_FRAMES))
+    np.testing.assert_allclose(result.matrices, between, atol=1e-4)
+    assert not np.allclose(result.matrices[4], paper.matrices[4], atol=1e-4)
+    # Their loss terms and window are the nearer registered frame's (the earlier on a tie).
     assert result.window_centres is not None
-    assert result.window_centres.tolist() == expected_centres
-    assert result.extras["frames_per_window"] == 3
-    # A window's middle frame gets what the paper's registration gives it ...
-    centres = sorted(set(expected_centres))
-    np.testing.assert_allclose(result.matrices[centres], every.matrices[centres], atol=1e-4)
-    # ... and its neighbours the window's output for their own positions: M = G D[k] P[k].
-    compact, P = shared._window(prepared, 4)
-    fixed = embed_window(compact[None], shared.profile.volume_shape[0])
-    with torch.inference_mode():
-        D = shared.net(fixed, shared.moving_volume(0)[None]).matrices[0].double().numpy()
-    G = shared.grids[0].matrix
-    for k, position in ((3, 1), (5, 3)):
-        np.testing.assert_allclose(result.matrices[k], G @ D[position] @ P[position], atol=1e-4)
-        assert not np.allclose(result.matrices[k], every.matrices[k], atol=1e-4)
-    assert result.loss_terms["dice"][3] != result.loss_terms["dice"][4]
-    assert result.loss_terms["loss"][3] == result.loss_terms["loss"][4]
-    assert set(result.loss_terms) == set(every.loss_terms)
-    for bad in (0, 6):
-        with pytest.raises(ValueError, match="frames_per_window"):
-            shared.frames_per_window = bad
-    with pytest.raises(TypeError, match="frames_per_window"):
-        shared.frames_per_window = 2.0  # type: ignore[assignment]
+    assert result.window_centres.tolist() == [0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9, 12, 12, 13]
+    for name, values in result.loss_terms.items():
+        np.testing.assert_allclose(values, paper.loss_terms[name][result.window_centres], atol=1e-5)
+    assert result.extras["frame_step"] == 3
+    for bad in (0, pipeline.MAX_FRAME_STEP + 1):
+        with pytest.raises(ValueError, match="frame_step"):
+            stepped.frame_step = bad
+    with pytest.raises(TypeError, match="frame_step"):
+        stepped.frame_step = 2.0  # type: ignore[assignment]
 
 
 def test_default_refines_the_pretrained_model_and_not_the_adapted_one(

@@ -584,7 +584,7 @@ def _registrar_inputs(
     profile: str | None,
     kidney: str,
     refinements: int | None = None,
-    frames_per_window: int = 1,
+    frame_step: int = 1,
     ct_sinus_mask: Path | None = None,
     sinus_networks: bool = False,
     ct_sinus_features: Path | None = None,
@@ -597,10 +597,17 @@ def _registrar_inputs(
     from kidneyreg.io.image import read_ct, read_mask
     from kidneyreg.io.transforms import read_transforms_json
     from kidneyreg.io.us import read_us_mask, read_us_sequence
-    from kidneyreg.pipeline import KIDNEY_CHOICES, Registrar, load_registration_model
+    from kidneyreg.pipeline import (
+        KIDNEY_CHOICES,
+        MAX_FRAME_STEP,
+        Registrar,
+        load_registration_model,
+    )
 
     if refinements is not None and refinements < 0:
         raise InputError("--refinements", f"must be >= 0, got {refinements}")
+    if not 1 <= frame_step <= MAX_FRAME_STEP:
+        raise InputError("--frame-step", f"must be in 1..{MAX_FRAME_STEP}, got {frame_step}")
     if profile is not None and profile not in ("paper", "cpu", "tiny"):
         raise InputError("--profile", f"must be paper, cpu or tiny, got {profile!r}")
     if kidney not in KIDNEY_CHOICES:
@@ -608,12 +615,6 @@ def _registrar_inputs(
     if us_spacing is not None and not us_spacing > 0:
         raise InputError("--us-spacing", f"must be a positive pixel size in mm, got {us_spacing}")
     reg_model = load_registration_model(model, profile=profile)
-    nw = int(reg_model.profile.window)
-    if not 1 <= frames_per_window <= nw:
-        raise InputError(
-            "--frames-per-window",
-            f"must be in 1..{nw} (the window's frames), got {frames_per_window}",
-        )
     ct_image = read_ct(ct)
     ct_kidney = None if ct_mask is None else read_mask(ct_mask, ct_image, kind="kidney mask")
     ct_sinus = (
@@ -634,7 +635,7 @@ def _registrar_inputs(
         init=init_poses,
         kidney=kidney,
         refinements=refinements,
-        frames_per_window=frames_per_window,
+        frame_step=frame_step,
         ct_source=str(ct),
         ct_mask_source=str(ct_mask),
         ct_sinus_mask=ct_sinus,
@@ -729,13 +730,12 @@ def register(
             "(default: 1 with --no-adapt, 0 after adaptation; 0: the paper's single pass).",
         ),
     ] = None,
-    frames_per_window: Annotated[
+    frame_step: Annotated[
         int,
         typer.Option(
-            "--frames-per-window",
-            help="Frames registered by each network call: the window's middle and its "
-            "neighbours, from the estimates for their own positions (1: the paper's, every "
-            "frame the middle of its own window; 3: a third of the network calls).",
+            "--frame-step",
+            help="Run the network on every N-th frame (and the last) and interpolate the poses "
+            "of the frames between (1: every frame, the paper's; 3: a third of the calls).",
         ),
     ] = 1,
 ) -> None:
@@ -767,7 +767,7 @@ def register(
             profile=profile,
             kidney=kidney,
             refinements=refinements,
-            frames_per_window=frames_per_window,
+            frame_step=frame_step,
             ct_sinus_mask=ct_sinus_mask,
             sinus_networks=sinus_networks,
             ct_sinus_features=ct_sinus_features,

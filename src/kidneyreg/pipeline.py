@@ -75,6 +75,7 @@ from kidneyreg.errors import InputError
 from kidneyreg.features.data import normalize_us
 from kidneyreg.geometry import (
     DEFAULT_POSE_ROTATION,
+    interpolate_rigid,
     invert_rigid,
     make_rigid,
     rotation_angle_deg,
@@ -107,6 +108,7 @@ __all__ = [
     "ADAPTED_REFINEMENTS",
     "FEATURE_THRESHOLD",
     "KIDNEY_CHOICES",
+    "MAX_FRAME_STEP",
     "PLANE_SEARCH_FRAMES",
     "PRETRAINED_REFINEMENTS",
     "FrameRegistration",
@@ -152,6 +154,10 @@ _REGISTRATION_KIND = "registration-net"
 #: even harms (TRE +0.88 mm, p = 0.005): it feeds the network grids it was not adapted on.
 PRETRAINED_REFINEMENTS = 1
 ADAPTED_REFINEMENTS = 0
+#: Largest :attr:`Registrar.frame_step`: 10 frames are half a second at 20 fps, a small part of
+#: a breathing cycle (3-5 s), over which the kidney's motion between two registered frames is
+#: close to linear. Measured at 3 (README "Speed").
+MAX_FRAME_STEP = 10
 # A registration pass whose estimate stays this close to the grid it ran on needs no refinement,
 # and a refinement reuses a CT volume already sampled on a grid this close to the one it wants.
 # The network corrects offsets of 10-25 degrees and many mm, so a grid within 2 mm and 2 degrees
@@ -640,22 +646,14 @@ class _WindowBatch:
     fixed: torch.Tensor
     moving: torch.Tensor
     grids: NDArray[np.float64]  # (B, 4, 4) G of each window
-    P: NDArray[np.float64]  # (B, Nw, 4, 4) P of every frame of each window
-
-    @property
-    def P_mid(self) -> NDArray[np.float64]:
-        """``(B, 4, 4)``: P of each window's middle frame."""
-        return self.P[:, self.P.shape[1] // 2]
+    P_mid: NDArray[np.float64]  # (B, 4, 4)
 
 
 def _take(batch: _WindowBatch, index: NDArray[np.int64]) -> _WindowBatch:
     """The windows ``index`` of a batch."""
-    return _WindowBatch(batch.fixed[index], batch.moving[index], batch.grids[index], batch.P[index])
-
-
-def _frame_term(values: NDArray[Any], window: int, position: int) -> Any:
-    """A loss term of one frame: per window (``(B,)``) or per frame of it (``(B, Nw)``)."""
-    return values[window, position] if values.ndim == 2 else values[window]
+    return _WindowBatch(
+        batch.fixed[index], batch.moving[index], batch.grids[index], batch.P_mid[index]
+    )
 
 
 def _grids_close(a: NDArray[np.float64], b: NDArray[np.float64]) -> bool:
@@ -726,12 +724,11 @@ class Registrar:
             more network call and CT resampling per frame. None (the default):
             :data:`PRETRAINED_REFINEMENTS` until the model is adapted, then
             :data:`ADAPTED_REFINEMENTS` (see :attr:`refinements`).
-        frames_per_window: Frames that take their estimate from one window in :meth:`register`
-            (1 to ``Nw``). 1 (the default) is the paper's: every frame is the middle of its own
-            window, one network call (per pass) per frame. ``m > 1`` centres windows every ``m``
-            frames and gives the frames next to each middle the network's estimates for their
-            own positions in the window (each within ``m // 2`` frames of the middle): ``1 / m``
-            of the network calls. Streaming (:meth:`register_frame`) keeps one frame per window.
+        frame_step: :meth:`register` registers every ``frame_step``-th frame (and the last)
+            with its own window, as the paper does every frame, and interpolates the poses of
+            the frames between (:func:`~kidneyreg.geometry.interpolate_rigid`): ``1 /
+            frame_step`` of the network calls. 1 (the default): every frame. Streaming
+            (:meth:`register_frame`) registers every window it is given.
         ct_source: Name of the CT (file) in messages.
         ct_mask_source: Name of the CT mask (file) in messages.
         ct_sinus_mask_source: Name of the CT sinus mask (file) in messages.
@@ -768,7 +765,7 @@ class Registrar:
         kidney: str = "auto",
         batch_size: int | None = None,
         refinements: int | None = None,
-        frames_per_window: int = 1,
+        frame_step: int = 1,
         ct_source: str = "CT",
         ct_mask_source: str = "CT kidney mask",
         ct_sinus_mask: sitk.Image | None = None,
@@ -808,7 +805,7 @@ class Registrar:
         )
         self.adaptation: AdaptationRecord | None = None
         self.refinements = refinements  # None: automatic (the property)
-        self.frames_per_window = frames_per_window
+        self.frame_step = frame_step
         self.init = _init_sequence(init)
         self.ct = ct
         self.ct_source = ct_source
@@ -1042,24 +1039,21 @@ class Registrar:
         self._refinements = None if value is None else int(value)
 
     @property
-    def frames_per_window(self) -> int:
-        """Frames registered by each window's network call in :meth:`register` (1: the paper's).
+    def frame_step(self) -> int:
+        """Frames between two frames that :meth:`register` runs the network on (1: every one).
 
         Example:
-            >>> registrar.frames_per_window = 3  # doctest: +SKIP
+            >>> registrar.frame_step = 3  # doctest: +SKIP
         """
-        return self._frames_per_window
+        return self._frame_step
 
-    @frames_per_window.setter
-    def frames_per_window(self, value: int) -> None:
-        nw = int(self.profile.window)
+    @frame_step.setter
+    def frame_step(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"frames_per_window must be an integer, got {type(value).__name__}")
-        if not 1 <= int(value) <= nw:
-            raise ValueError(
-                f"frames_per_window must be in 1..{nw} (the window's frames), got {value}"
-            )
-        self._frames_per_window = int(value)
+            raise TypeError(f"frame_step must be an integer, got {type(value).__name__}")
+        if not 1 <= int(value) <= MAX_FRAME_STEP:
+            raise ValueError(f"frame_step must be in 1..{MAX_FRAME_STEP}, got {value}")
+        self._frame_step = int(value)
 
     def reset(self) -> None:
         """Restore the pretrained weights (undo :meth:`adapt` and its plane search)."""
@@ -1269,7 +1263,7 @@ class Registrar:
     def _window(
         self, prepared: PreparedSequence, centre: int
     ) -> tuple[torch.Tensor, NDArray[np.float64]]:
-        """Compact fixed window ``(2, D, H, Nw)`` (feature map, image) and ``P`` of its frames."""
+        """Compact fixed window ``(2, D, H, Nw)`` (feature map, image) and ``P`` of its middle."""
         nw = int(self.profile.window)
         uv = prepared.window_centroid(centre, nw)
         nx = int(self.profile.volume_shape[0])
@@ -1281,37 +1275,38 @@ class Registrar:
             for values in prepared.filtered(self.profile)
         ]
         compact = torch.from_numpy(np.clip(np.stack(layers), 0.0, 1.0))
-        return compact, window_transforms(uv, self.profile)
+        return compact, window_transforms(uv, self.profile)[nw // 2]
 
     def _batch(
         self,
         prepared: PreparedSequence,
         centres: Sequence[int],
         compact: Sequence[torch.Tensor] | None = None,
-        P: Sequence[NDArray[np.float64]] | None = None,
+        P_mid: Sequence[NDArray[np.float64]] | None = None,
     ) -> _WindowBatch:
         """Network inputs of the windows centred on ``centres`` (precomputed windows optional)."""
-        if compact is None or P is None:
+        if compact is None or P_mid is None:
             built = [self._window(prepared, int(c)) for c in centres]
             compact = [b[0] for b in built]
-            P = [b[1] for b in built]
+            P_mid = [b[1] for b in built]
         nx = int(self.profile.volume_shape[0])
         fixed = embed_window(torch.stack(list(compact)), nx).to(self.device)
         grid_ids = [self._grid_of_frame(int(c), prepared.n_frames) for c in centres]
         moving = torch.stack([self.moving_volume(g) for g in grid_ids])
         grids = np.stack([self.grids[g].matrix for g in grid_ids])
-        return _WindowBatch(fixed, moving, grids, np.stack(list(P)))
+        return _WindowBatch(fixed, moving, grids, np.stack(list(P_mid)))
 
     def _forward(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], torch.Tensor]:
-        """``M`` ``(B, Nw, 4, 4)`` of every frame of each window and the network's output ``D``."""
+        """``M`` of each window's middle frame and the network's ``(B, Nw, 4, 4)`` output."""
+        mid = int(self.config.window) // 2
         with torch.inference_mode():
             output = self.net(batch.fixed, batch.moving).matrices
-        D = output.detach().to(torch.float64).cpu().numpy()
-        return np.asarray(batch.grids[:, None] @ D @ batch.P, dtype=np.float64), output
+        D = output[:, mid].detach().to(torch.float64).cpu().numpy()
+        return np.asarray(batch.grids @ D @ batch.P_mid, dtype=np.float64), output
 
     def _terms(self, batch: _WindowBatch, output: torch.Tensor) -> dict[str, NDArray[Any]]:
-        """Per-window loss terms of the network output ``output`` on ``batch``; ``dice``
-        ``(B, Nw)`` per frame of the window, the others ``(B,)``."""
+        """Per-window loss terms of the network output ``output`` on ``batch``."""
+        mid = int(self.config.window) // 2
         with torch.inference_mode():
             terms = fim_loss(output, batch.fixed, batch.moving, self.config)
             motion, _, _ = motion_loss(
@@ -1321,13 +1316,13 @@ class Registrar:
             )
         return {
             "loss": terms.per_sample.detach().double().cpu().numpy(),
-            "dice": terms.dice.detach().double().cpu().numpy(),
+            "dice": terms.dice[:, mid].detach().double().cpu().numpy(),
             "mind": terms.mind_difference.detach().double().cpu().numpy(),
             "motion": motion.detach().double().cpu().numpy(),
         }
 
     def _infer(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], dict[str, NDArray[Any]]]:
-        """``M`` ``(B, Nw, 4, 4)`` and the loss terms of each window (one pass, no gradients)."""
+        """``M`` of each window's middle frame and its loss terms (one pass, no gradients)."""
         matrices, output = self._forward(batch)
         return matrices, self._terms(batch, output)
 
@@ -1358,8 +1353,8 @@ class Registrar:
         A pass on grid ``G`` gives ``M = G @ D @ P``; when ``G' = M @ P^-1`` (the grid moved by
         the estimate) is not within :data:`REFINEMENT_REUSE_MM` / :data:`REFINEMENT_REUSE_DEG`
         of ``G``, the CT is sampled on ``G'`` (or on a recently sampled grid close to it) and the
-        window passes again, ``M' = G' @ D' @ P``. Returns ``M`` ``(B, Nw, 4, 4)`` of every
-        frame of each window from its last pass, and that pass's loss terms (:meth:`_terms`).
+        window passes again, ``M' = G' @ D' @ P``. The loss terms are those of each window's last
+        pass.
         """
         if self.refinements == 0:
             return self._infer(batch)
@@ -1367,14 +1362,13 @@ class Registrar:
         # instead saves most first passes, but after one-cycle adaptation the estimates fed back
         # from frame to frame drifted (a held-out group B case: TRE 8.2 -> 19.5 mm).
         n = len(batch.grids)
-        mid = int(self.config.window) // 2
         current = batch
-        matrices = np.empty((n, *batch.P.shape[1:]))
+        matrices = np.empty((n, 4, 4))
         values: dict[str, NDArray[Any]] = {}
         pending = np.arange(n)
         for index in range(self.refinements + 1):
             estimate, output = self._forward(current)
-            wanted = estimate[:, mid] @ np.linalg.inv(current.P_mid)
+            wanted = estimate @ np.linalg.inv(current.P_mid)
             last = index == self.refinements
             finished = np.array(
                 [last or _grids_close(g, w) for g, w in zip(current.grids, wanted, strict=True)]
@@ -1383,7 +1377,7 @@ class Registrar:
             if len(done):
                 matrices[pending[done]] = estimate[done]
                 for name, value in self._terms(_take(current, done), output[done]).items():
-                    values.setdefault(name, np.empty((n, *value.shape[1:])))[pending[done]] = value
+                    values.setdefault(name, np.empty(n))[pending[done]] = value
             rest = np.flatnonzero(~finished)
             if not len(rest):
                 break
@@ -1392,7 +1386,7 @@ class Registrar:
                 current.fixed[rest],
                 torch.stack([volume for _, volume in chosen]),
                 np.stack([grid for grid, _ in chosen]),
-                current.P[rest],
+                current.P_mid[rest],
             )
             pending = pending[rest]
         return matrices, values
@@ -1656,12 +1650,11 @@ class Registrar:
             frames = frames[spread]
         self.plane_search = None  # score the model's own estimates
         self._refined.clear()
-        mid = int(self.config.window) // 2
         estimates = np.concatenate(
             [
                 self._infer_refined(
                     self._batch(prepared, frames[i : i + self.batch_size].tolist())
-                )[0][:, mid]
+                )[0]
                 for i in range(0, frames.size, self.batch_size)
             ]
         )
@@ -1697,7 +1690,10 @@ class Registrar:
         """Register every frame with the current (adapted or pretrained) model.
 
         Frame ``k`` gets the estimate of the window whose middle it is (edge frames repeated at
-        the ends). Windows are batched (``batch_size``).
+        the ends). Windows are batched (``batch_size``). With :attr:`frame_step` ``m > 1`` only
+        every ``m``-th frame and the last are registered so; the frames between get poses
+        interpolated between their two registered neighbours, and the loss terms (and
+        ``window_centres`` entry) of the nearer one.
 
         Args:
             sequence: The sequence (or a :meth:`prepare` result).
@@ -1720,25 +1716,25 @@ class Registrar:
         self._refined.clear()
         self.refinement_volumes = 0
         n = prepared.n_frames
-        mid = int(self.config.window) // 2
-        step = self.frames_per_window
-        # Window j is centred on frame j * step + step // 2 (the last one clipped to the end)
-        # and gives frames j * step .. j * step + step - 1 their estimates (step 1: the paper's).
-        centres = np.minimum(np.arange(-(-n // step)) * step + step // 2, n - 1)
-        matrices = np.empty((n, 4, 4))
-        terms: dict[str, NDArray[Any]] = {}
-        for first in range(0, len(centres), self.batch_size):
-            chosen = centres[first : first + self.batch_size]
-            all_frames, values = self._infer_refined(self._batch(prepared, chosen.tolist()))
-            for j, centre in enumerate(chosen.tolist()):
-                window = first + j
-                for k in range(window * step, min(n, (window + 1) * step)):
-                    position = mid + k - centre
-                    matrices[k] = all_frames[j, position]
-                    for name, value in values.items():
-                        terms.setdefault(name, np.empty(n))[k] = _frame_term(value, j, position)
+        step = self.frame_step
+        registered = np.union1d(np.arange(0, n, step), [n - 1]).astype(np.int64)
+        matrices = np.empty((len(registered), 4, 4))
+        terms: dict[str, list[NDArray[Any]]] = {}
+        for first in range(0, len(registered), self.batch_size):
+            centres = registered[first : first + self.batch_size]
+            batch = self._batch(prepared, centres.tolist())
+            matrices[first : first + len(centres)], values = self._infer_refined(batch)
+            for name, value in values.items():
+                terms.setdefault(name, []).append(value)
             if progress is not None:
-                progress(min(n, (first + len(chosen)) * step), n)
+                progress(int(min(n, centres[-1] + 1)), n)
+        # Each frame's nearest registered frame (the earlier one on a tie).
+        after = np.searchsorted(registered, np.arange(n))
+        before = np.maximum(after - 1, 0)
+        nearer_before = np.arange(n) - registered[before] <= registered[after] - np.arange(n)
+        nearest = np.where(nearer_before, before, after)
+        if len(registered) < n:
+            matrices = interpolate_rigid(registered, matrices, np.arange(n))
         if self.plane_search is not None:
             matrices = self.plane_search.offset.apply(matrices, prepared.centroids)
         seconds = time.perf_counter() - started
@@ -1758,7 +1754,7 @@ class Registrar:
             "initial_pose": "default sagittal" if self.init is None else self.init.source,
             "batch_size": self.batch_size,
             "refinements": self.refinements,
-            "frames_per_window": step,
+            "frame_step": step,
             "refinement_volumes": self.refinement_volumes,
         }
         if prepared.cycles is not None:
@@ -1773,8 +1769,8 @@ class Registrar:
         return RegistrationResult(
             matrices=matrices,
             initial_matrices=self.initial_alignment(prepared),
-            loss_terms=terms,
-            window_centres=centres[np.arange(n) // step].astype(np.int64),
+            loss_terms={name: np.concatenate(parts)[nearest] for name, parts in terms.items()},
+            window_centres=registered[nearest],
             cycle_starts=[] if prepared.cycles is None else list(prepared.cycles.boundaries),
             adaptation="none" if record is None else record.strategy,
             # None when the model was adapted on another (longer) sequence.
@@ -1840,14 +1836,13 @@ class Registrar:
             self.grids[grid_id].matrix[None],
             P[None],
         )
-        all_frames, values = self._infer_refined(batch)
-        matrices = all_frames[:, nw // 2]
+        matrices, values = self._infer_refined(batch)
         if self.plane_search is not None:
             matrices = self.plane_search.offset.apply(matrices, prepared.centroids[nw // 2][None])
         return FrameRegistration(
             matrix=matrices[0],
-            initial_matrix=self.grids[grid_id].to_world_matrix(P[nw // 2]),
-            loss_terms={name: float(_frame_term(v, 0, nw // 2)) for name, v in values.items()},
+            initial_matrix=self.grids[grid_id].to_world_matrix(P),
+            loss_terms={name: float(v[0]) for name, v in values.items()},
             seconds=time.perf_counter() - started,
         )
 
