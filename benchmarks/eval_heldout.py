@@ -53,7 +53,7 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model
-from kidneyreg.simulate.case import sinus_mask_image
+from kidneyreg.simulate.case import sinus_mask_array, sinus_mask_image
 
 METRICS = ("tre", "mcd_ctct", "hd_ctct", "plane_angle_deg")
 #: Rotation error split along the true frame's axes: tilts about the lateral (u) and depth (v)
@@ -114,16 +114,16 @@ def evaluate_case(
 
     With ``also_refinements`` the pretrained and the adapted model also register with that many
     refinement passes (``"pretrained_r0"``, ``"adapted_r0"`` for 0): the same adaptation, so the
-    two settings differ only in the passes. With ``also_frame_step`` ``m`` they also
-    register with the network on every ``m``-th frame and the poses between interpolated
+    two settings differ only in the passes. With ``also_frame_step`` ``m`` they also register
+    with the network on every ``m``-th frame and the poses between interpolated
     (``"pretrained_step3"``, ``"adapted_step3"`` for 3; :attr:`Registrar.frame_step`), again
-    after the same adaptation. Each of
-    ``also_anchors`` adapts the pretrained model again with that anchor weight (``"adapted_a0"``
-    for 0, scored on the same frames). With ``sinus="masks"`` the CT and the U/S get renal-sinus
-    masks from the simulator's label maps (with ``"network"`` from the sinus feature networks
-    ``sinus_models``, CT and U/S; None: the bundled ones), and ``"pretrained_sinus"`` /
-    ``"adapted_sinus"`` are the pretrained / adapted model with the plane search
-    (:meth:`Registrar.search_plane`) applied; the rows without the suffix stay without it.
+    after the same adaptation. Each of ``also_anchors`` adapts the pretrained model again with
+    that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
+    ``sinus="masks"`` the CT and the U/S get renal-sinus masks from the simulator's label maps
+    (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None: the
+    bundled ones), and ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained / adapted
+    model with the plane search (:meth:`Registrar.search_plane`) applied; the rows without the
+    suffix stay without it.
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -138,8 +138,8 @@ def evaluate_case(
     ct_sinus = us_sinus = None
     if sinus == "masks":
         ct_sinus = sinus_mask_image(sitk.ReadImage(str(case / "labels.nii.gz")))
-        us_labels = sitk.ReadImage(str(case / "us_labels.nii.gz"))
-        us_sinus = sitk.GetArrayFromImage(sinus_mask_image(us_labels))
+        us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
+        us_sinus = sinus_mask_array(us_labels)
     registrar = Registrar(
         ct,
         model,

@@ -83,6 +83,7 @@ __all__ = [
     "simulate_case",
     "simulate_case_data",
     "simulate_cohort",
+    "sinus_mask_array",
     "sinus_mask_image",
     "write_case",
 ]
