@@ -109,7 +109,7 @@ def simulate(
         kidney=kidney,
         approach=approach,
     )
-    with tqdm(total=cases, desc="simulate", unit="case") as bar:
+    with _one_line_warnings(), tqdm(total=cases, desc="simulate", unit="case") as bar:
         folders = simulate_cohort(
             out,
             cases,
@@ -480,7 +480,10 @@ def _one_line_warnings() -> Iterator[None]:
         text = " ".join(str(message).split())
         if text not in seen:
             seen.add(text)
-            typer.echo(f"warning: {text}", err=True)
+            # tqdm.write keeps the line apart from a progress bar drawn on stderr.
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

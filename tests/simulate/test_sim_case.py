@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from kidneyreg.geometry import (
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.simulate import case as case_module
 from kidneyreg.simulate.case import (
+    MIN_VISIBLE_KIDNEY,
+    PoorAcousticWindowWarning,
     case_seed,
     check_options,
     simulate_case,
@@ -174,7 +177,7 @@ def test_cohort_seeds_and_bad_options(tmp_path: Path) -> None:
         ({"from_ct": tmp_path / "missing.nii.gz"}, "missing"),
     ]:
         with pytest.raises(InputError, match=name):
-            check_options(**kwargs)  # type: ignore[arg-type]
+            check_options(**kwargs)
     assert not (tmp_path / "c").exists()
 
 
@@ -191,6 +194,44 @@ def test_real_ct_case_has_exact_ground_truth(real_ct_dir: Path, tmp_path: Path) 
     assert _check_ground_truth(folder) >= 1
     info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     assert info["anatomy_source"].endswith("ct.nii.gz") and info["kidney"] == "right"
+
+
+def test_a_mostly_shadowed_kidney_is_written_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_placement = case_module.place_probe_in_window
+
+    def shadowed(*args: object, **kwargs: object) -> object:
+        placement, offset, _visible = real_placement(*args, **kwargs)
+        return placement, offset, 0.2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PoorAcousticWindowWarning)
+        simulate_case_data(5, frames=2, group="A", profile="tiny")  # a good window: silent
+    monkeypatch.setattr(case_module, "place_probe_in_window", shadowed)
+    with pytest.warns(PoorAcousticWindowWarning, match=r"only 20 % of the right kidney.*flank"):
+        case = simulate_case_data(5, frames=2, group="A", profile="tiny")
+    assert case.info["visible_kidney_fraction"] == 0.2 < MIN_VISIBLE_KIDNEY
+
+
+@pytest.mark.realdata
+def test_left_kidney_of_the_real_ct_needs_the_flank(real_ct_dir: Path) -> None:
+    # Bowel gas lies in front of this CT's left kidney: every anterior (sagittal) view is
+    # shadowed, the flank view is clear.
+    options = {
+        "frames": 2,
+        "profile": "tiny",
+        "from_ct": real_ct_dir / "ct.nii.gz",
+        "labels": real_ct_dir / "kidneys.nii.gz",
+        "kidney": "left",
+    }
+    with pytest.warns(PoorAcousticWindowWarning, match="left kidney"):
+        sagittal = simulate_case_data(757944052, approach="sagittal", **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PoorAcousticWindowWarning)
+        flank = simulate_case_data(757944052, approach="flank", **options)
+    assert sagittal.info["visible_kidney_fraction"] < MIN_VISIBLE_KIDNEY
+    assert flank.info["visible_kidney_fraction"] > 0.7
 
 
 @pytest.mark.realdata
