@@ -109,6 +109,7 @@ def evaluate_case(
     also_frame_step: int | None = None,
     sinus: str | None = None,
     sinus_models: tuple[Path | None, Path | None] = (None, None),
+    mirror: bool | None = None,
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``.
 
@@ -152,6 +153,7 @@ def evaluate_case(
         kidney=info["kidney"],
         refinements=refinements,
         init=init,
+        mirror=mirror,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,6 +311,12 @@ def main() -> None:
     )
     parser.add_argument("--ct-sinus-features", type=Path, default=None)
     parser.add_argument("--us-sinus-features", type=Path, default=None)
+    parser.add_argument(
+        "--mirror",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="network in the mirrored grid: auto (left kidneys, as register does), on, off",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -330,6 +338,7 @@ def main() -> None:
                 also_frame_step=args.also_frame_step,
                 sinus=args.sinus,
                 sinus_models=(args.ct_sinus_features, args.us_sinus_features),
+                mirror={"auto": None, "on": True, "off": False}[args.mirror],
             )
             rows.append(row)
             print(

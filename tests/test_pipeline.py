@@ -363,6 +363,61 @@ def test_refinement_pass_resamples_the_ct_on_the_moved_grid(
         Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=-1)
 
 
+def test_left_kidneys_are_registered_in_the_mirrored_grid(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    from kidneyreg.registration.transformer import embed_window
+
+    net = tiny_net(identity=False, seed=3)
+    plain = Registrar(case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0)
+    mirrored = Registrar(
+        case.ct, net, ct_mask=case.ct_kidney_mask, device="cpu", refinements=0, mirror=True
+    )
+    assert plain.kidney.side == "right" and not plain.mirror
+    prepared = plain.prepare(sequence, case.us_kidney_mask, detect=False)
+    # The network sees the L-R mirror image: the CT reflected about the grid's middle x slice
+    # (voxel i shows what voxel nx - i showed) and the window's frames in reverse order.
+    ct_plain, ct_mirrored = plain.moving_volume(0), mirrored.moving_volume(0)
+    torch.testing.assert_close(ct_mirrored[..., 1:], ct_plain[..., 1:].flip(-1), atol=1e-5, rtol=0)
+    k = 6
+    window_plain, P = plain._window(prepared, k)
+    window_mirrored, P_mirrored = mirrored._window(prepared, k)
+    torch.testing.assert_close(window_mirrored, window_plain.flip(-1))
+    S = np.diag([-1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(P_mirrored, S @ P)
+    # Its output D' acts in the mirrored grid: M = (G S) D' (S P), a proper rigid pose.
+    result = mirrored.register(prepared)
+    fixed = embed_window(window_mirrored[None], mirrored.profile.volume_shape[0])
+    with torch.inference_mode():
+        D = net(fixed, ct_mirrored[None]).matrices[0, 2].double().numpy()
+    G = mirrored.grids[0].matrix
+    np.testing.assert_allclose(result.matrices[k], G @ S @ D @ S @ P, atol=1e-5)
+    assert np.linalg.det(result.matrices[k][:3, :3]) == pytest.approx(1.0, abs=1e-6)
+    assert result.extras["mirrored"] and not plain.register(prepared).extras["mirrored"]
+    assert not np.allclose(result.matrices, plain.register(prepared).matrices, atol=1e-3)
+    np.testing.assert_allclose(result.initial_matrices[k], G @ P, atol=1e-9)
+    frame = mirrored.register_frame(
+        case.frames[k - 2 : k + 3],
+        pixel_size=(case.pixel_size, case.pixel_size),
+        masks=case.us_kidney_mask[k - 2 : k + 3],
+    )
+    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
+    np.testing.assert_allclose(frame.initial_matrix, result.initial_matrices[k], atol=1e-9)
+    # A network that outputs the identity leaves every frame at its initial alignment.
+    still = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu", mirror=True)
+    identity = still.register(prepared)
+    np.testing.assert_allclose(identity.matrices, identity.initial_matrices, atol=1e-6)
+
+
+def test_the_left_kidney_is_mirrored_by_default() -> None:
+    ct, mask = _two_kidney_ct()
+    assert Registrar(ct, tiny_net(), ct_mask=mask, device="cpu", kidney="left").mirror
+    assert not Registrar(ct, tiny_net(), ct_mask=mask, device="cpu", kidney="right").mirror
+    assert not Registrar(
+        ct, tiny_net(), ct_mask=mask, device="cpu", kidney="left", mirror=False
+    ).mirror
+
+
 def test_frame_step_registers_every_nth_frame_and_interpolates_between(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:

@@ -135,6 +135,8 @@ _BODY_HU = -500.0
 # Windows per network call when registering. On 2 CPU threads at the cpu profile, batches of
 # 2-4 windows run at ~50-56 ms per frame against ~70 ms one by one (benchmarks/bench_pipeline.py);
 # a GPU wants larger batches.
+# Reflection of the internal x (R-L) axis: a left kidney seen through it looks like a right one.
+_MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 _CPU_BATCH = 2
 _GPU_BATCH = 16
 # Moving volumes kept in memory at once (one per distinct initial-pose rotation).
@@ -740,6 +742,13 @@ class Registrar:
             bundled one.
         us_sinus_features: U/S sinus feature network; None: the bundled one.
         log: Called with one-line progress messages.
+        mirror: Run the network in the L-R mirror image of the registration grid (the CT
+            sampled on ``G @ S``, ``S`` the reflection of the internal x axis, and the window's
+            frames in reverse order; the output ``D'`` gives ``M = G @ S @ D' @ S @ P``, a proper
+            rigid pose). A left kidney then looks like a right one, which is what the bundled
+            model mostly learned from (3 in 4 of its training kidneys were right ones; mirrored
+            right kidneys register worse, README "Left kidneys"). None (the default): for a
+            left kidney.
 
     Raises:
         InputError: No kidney in the CT (or on the requested side), a bad or missing model.
@@ -774,6 +783,7 @@ class Registrar:
         ct_sinus_features: FeatureModel | str | Path | None = None,
         us_sinus_features: FeatureModel | str | Path | None = None,
         log: Callable[[str], None] | None = None,
+        mirror: bool | None = None,
     ) -> None:
         started = time.perf_counter()
         if not isinstance(ct, sitk.Image) or ct.GetDimension() != 3:
@@ -886,6 +896,8 @@ class Registrar:
             )
             for g in range(len(unique))
         ]
+        #: Whether the network works in the L-R mirror image of the registration grid.
+        self.mirror = self.kidney.side == "left" if mirror is None else bool(mirror)
         feature_image = (
             sitk.Cast(self.kidney.mask, sitk.sitkFloat32)
             if self.feature_source_ct == "masks"
@@ -1004,12 +1016,17 @@ class Registrar:
         ).clamp_(0.0, 1.0)
         return volume.to(self.device)
 
+    def _grid_matrix(self, grid_id: int) -> NDArray[np.float64]:
+        """``G`` of grid ``grid_id`` as the network sees it (``G @ S`` when mirrored)."""
+        matrix = self.grids[grid_id].matrix
+        return matrix @ _MIRROR if self.mirror else matrix
+
     def moving_volume(self, grid_id: int) -> torch.Tensor:
         """The CT feature map and normalised CT on grid ``grid_id``: ``(2, D, H, W)`` on device."""
         if grid_id in self._moving:
             self._moving.move_to_end(grid_id)
             return self._moving[grid_id]
-        volume = self._sample_moving(self.grids[grid_id].matrix)
+        volume = self._sample_moving(self._grid_matrix(grid_id))
         self._moving[grid_id] = volume
         if len(self._moving) > _MOVING_CACHE:
             self._moving.popitem(last=False)
@@ -1275,7 +1292,10 @@ class Registrar:
             for values in prepared.filtered(self.profile)
         ]
         compact = torch.from_numpy(np.clip(np.stack(layers), 0.0, 1.0))
-        return compact, window_transforms(uv, self.profile)[nw // 2]
+        P_mid = window_transforms(uv, self.profile)[nw // 2]
+        if self.mirror:
+            return compact.flip(-1), _MIRROR @ P_mid
+        return compact, P_mid
 
     def _batch(
         self,
@@ -1293,7 +1313,7 @@ class Registrar:
         fixed = embed_window(torch.stack(list(compact)), nx).to(self.device)
         grid_ids = [self._grid_of_frame(int(c), prepared.n_frames) for c in centres]
         moving = torch.stack([self.moving_volume(g) for g in grid_ids])
-        grids = np.stack([self.grids[g].matrix for g in grid_ids])
+        grids = np.stack([self._grid_matrix(g) for g in grid_ids])
         return _WindowBatch(fixed, moving, grids, np.stack(list(P_mid)))
 
     def _forward(self, batch: _WindowBatch) -> tuple[NDArray[np.float64], torch.Tensor]:
@@ -1755,6 +1775,7 @@ class Registrar:
             "batch_size": self.batch_size,
             "refinements": self.refinements,
             "frame_step": step,
+            "mirrored": self.mirror,
             "refinement_volumes": self.refinement_volumes,
         }
         if prepared.cycles is not None:
@@ -1833,7 +1854,7 @@ class Registrar:
         batch = _WindowBatch(
             embed_window(compact[None], nx).to(self.device),
             self.moving_volume(grid_id)[None],
-            self.grids[grid_id].matrix[None],
+            self._grid_matrix(grid_id)[None],
             P[None],
         )
         matrices, values = self._infer_refined(batch)
@@ -1841,7 +1862,7 @@ class Registrar:
             matrices = self.plane_search.offset.apply(matrices, prepared.centroids[nw // 2][None])
         return FrameRegistration(
             matrix=matrices[0],
-            initial_matrix=self.grids[grid_id].to_world_matrix(P),
+            initial_matrix=self.grids[grid_id].to_world_matrix(_MIRROR @ P if self.mirror else P),
             loss_terms={name: float(v[0]) for name, v in values.items()},
             seconds=time.perf_counter() - started,
         )
