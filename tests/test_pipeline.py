@@ -407,6 +407,11 @@ def test_left_kidneys_are_registered_in_the_mirrored_grid(
     still = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu", mirror=True)
     identity = still.register(prepared)
     np.testing.assert_allclose(identity.matrices, identity.initial_matrices, atol=1e-6)
+    # ... and scores each window as the plain grid does (the same sections, frames reversed).
+    plain_identity = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    expected = plain_identity.register(prepared).loss_terms
+    for name in ("loss", "dice", "mind", "motion"):
+        np.testing.assert_allclose(identity.loss_terms[name], expected[name], atol=1e-4)
 
 
 def test_the_left_kidney_is_mirrored_by_default() -> None:

@@ -84,8 +84,10 @@ from kidneyreg.io.transforms import TransformSequence
 from kidneyreg.io.us import UltrasoundSequence
 from kidneyreg.preprocess import (
     CT_AIR_HU,
+    MIRROR,
     RegistrationGrid,
     antialias_frames,
+    body_midline_x,
     build_us_window,
     kidney_centroid,
     normalize_ct,
@@ -130,13 +132,9 @@ KIDNEY_CHOICES: tuple[str, ...] = ("auto", "right", "left")
 
 # Components smaller than this fraction of the largest one are not kidney candidates.
 _MIN_COMPONENT_FRACTION = 0.2
-# HU above which a voxel belongs to the body (for the midline between the kidneys).
-_BODY_HU = -500.0
 # Windows per network call when registering. On 2 CPU threads at the cpu profile, batches of
 # 2-4 windows run at ~50-56 ms per frame against ~70 ms one by one (benchmarks/bench_pipeline.py);
 # a GPU wants larger batches.
-# Reflection of the internal x (R-L) axis: a left kidney seen through it looks like a right one.
-_MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 _CPU_BATCH = 2
 _GPU_BATCH = 16
 # Moving volumes kept in memory at once (one per distinct initial-pose rotation).
@@ -359,17 +357,6 @@ class KidneyChoice:
         }
 
 
-def _body_midline_x(ct: sitk.Image) -> float:
-    body = sitk.Cast(ct > _BODY_HU, sitk.sitkUInt8)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(body)
-    if 1 not in stats.GetLabels():
-        return float(
-            ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()])[0]
-        )
-    return float(stats.GetCentroid(1)[0])
-
-
 def choose_kidney(
     kidney_map: sitk.Image,
     ct: sitk.Image,
@@ -413,7 +400,7 @@ def choose_kidney(
     kept = [
         lab for lab in labels if stats.GetPhysicalSize(lab) >= _MIN_COMPONENT_FRACTION * largest
     ]
-    midline = _body_midline_x(ct)
+    midline = body_midline_x(ct)
     centroids = {lab: np.array(stats.GetCentroid(lab), dtype=np.float64) for lab in kept}
     sides = {lab: "right" if centroids[lab][0] < midline else "left" for lab in kept}
     found = sorted(set(sides.values()))
@@ -1019,7 +1006,7 @@ class Registrar:
     def _grid_matrix(self, grid_id: int) -> NDArray[np.float64]:
         """``G`` of grid ``grid_id`` as the network sees it (``G @ S`` when mirrored)."""
         matrix = self.grids[grid_id].matrix
-        return matrix @ _MIRROR if self.mirror else matrix
+        return matrix @ MIRROR if self.mirror else matrix
 
     def moving_volume(self, grid_id: int) -> torch.Tensor:
         """The CT feature map and normalised CT on grid ``grid_id``: ``(2, D, H, W)`` on device."""
@@ -1294,7 +1281,7 @@ class Registrar:
         compact = torch.from_numpy(np.clip(np.stack(layers), 0.0, 1.0))
         P_mid = window_transforms(uv, self.profile)[nw // 2]
         if self.mirror:
-            return compact.flip(-1), _MIRROR @ P_mid
+            return compact.flip(-1), MIRROR @ P_mid
         return compact, P_mid
 
     def _batch(
@@ -1862,7 +1849,7 @@ class Registrar:
             matrices = self.plane_search.offset.apply(matrices, prepared.centroids[nw // 2][None])
         return FrameRegistration(
             matrix=matrices[0],
-            initial_matrix=self.grids[grid_id].to_world_matrix(_MIRROR @ P if self.mirror else P),
+            initial_matrix=self.grids[grid_id].to_world_matrix(MIRROR @ P if self.mirror else P),
             loss_terms={name: float(v[0]) for name, v in values.items()},
             seconds=time.perf_counter() - started,
         )

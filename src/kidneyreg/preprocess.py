@@ -46,15 +46,18 @@ from kidneyreg.profiles import Profile, get_profile
 __all__ = [
     "CT_AIR_HU",
     "CT_WINDOW_HU",
+    "MIRROR",
     "PreparedCT",
     "RegistrationGrid",
     "UsWindow",
     "antialias_frames",
     "antialias_sigmas_mm",
+    "body_midline_x",
     "build_us_window",
     "crop_or_pad",
     "initial_alignment",
     "kidney_centroid",
+    "kidney_side",
     "normalize_ct",
     "prepare_ct",
     "reorient_rai",
@@ -67,6 +70,14 @@ __all__ = [
 
 #: Padding value of a CT where the body (or the scan) ends.
 CT_AIR_HU = -1000.0
+
+#: Reflection of the internal x (R-L) axis of a registration grid. Registration networks see a left
+#: kidney through it (``G @ MIRROR``, the window's frames in reverse order), where it looks like a
+#: right one; an output ``D'`` there is ``MIRROR @ D' @ MIRROR`` on the grid itself.
+MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
+
+# Voxels above this are the body (skin, fat and everything inside), for the body midline.
+_BODY_HU = -500.0
 
 #: Intensity window of :func:`normalize_ct` in HU. It spans retroperitoneal fat (about -100 HU),
 #: soft tissue and unenhanced parenchyma (30-60 HU), contrast-enhanced renal cortex and medulla
@@ -948,6 +959,35 @@ def build_us_window(
     # crops[k, r, c] -> volume[z0 + c, y0 + r, x0 + k]
     volume[z0 : z0 + cols, y0 : y0 + rows, x0 : x0 + nw] = np.transpose(crops, (2, 1, 0))
     return UsWindow(volume, transforms)
+
+
+def body_midline_x(ct: sitk.Image) -> float:
+    """World x (LPS, mm) of the body's centroid: the patient's midline.
+
+    Example:
+        >>> ct = sitk.Image(10, 4, 4, sitk.sitkFloat32) - 1000.0
+        >>> body_midline_x(ct)  # no body: the image's centre
+        4.5
+    """
+    body = sitk.Cast(ct > _BODY_HU, sitk.sitkUInt8)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(body)
+    if 1 not in stats.GetLabels():
+        return float(
+            ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()])[0]
+        )
+    return float(stats.GetCentroid(1)[0])
+
+
+def kidney_side(centroid_world: ArrayLike, ct: sitk.Image) -> str:
+    """``"right"`` or ``"left"``: the side of the body midline a kidney centroid lies on (LPS).
+
+    Example:
+        >>> ct = sitk.Image(10, 4, 4, sitk.sitkFloat32) - 1000.0
+        >>> kidney_side((1.0, 2.0, 2.0), ct), kidney_side((8.0, 2.0, 2.0), ct)
+        ('right', 'left')
+    """
+    return "right" if float(np.asarray(centroid_world)[0]) < body_midline_x(ct) else "left"
 
 
 def initial_alignment(grid: RegistrationGrid, P_target: ArrayLike) -> NDArray[np.float64]:

@@ -36,7 +36,11 @@ def _ct_and_mask(rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image, np.n
     origin = rng.uniform(-20, 20, 3) + np.array([-60.0, -60.0, -80.0])
     zz, yy, xx = np.meshgrid(*(np.arange(n) for n in (nz, ny, nx)), indexing="ij")
     world = np.stack([xx * CT_SPACING[0], yy * CT_SPACING[1], zz * CT_SPACING[2]], -1) + origin
-    centre = origin + np.array(CT_SHAPE) * np.array(CT_SPACING) / 2 + rng.uniform(-6, 6, 3)
+    jitter = rng.uniform(-6, 6, 3)
+    # A right kidney: right of the body midline (LPS x below the CT's centre, which the body
+    # fills), so that pretraining sees every case as it is, not in the mirror image.
+    jitter[0] = -1.0 - abs(jitter[0])
+    centre = origin + np.array(CT_SHAPE) * np.array(CT_SPACING) / 2 + jitter
     axes = np.array([22.0, 26.0, 42.0]) * rng.uniform(0.9, 1.1, 3)
     tilt = euler_to_matrix(np.r_[rng.uniform(-0.3, 0.3, 3), 0, 0, 0])[:3, :3]
     local = (world - centre) @ tilt

@@ -60,9 +60,11 @@ from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import TransformSequence, read_tfm, read_transforms_json
 from kidneyreg.io.us import UltrasoundSequence, read_us_mask, read_us_sequence
 from kidneyreg.preprocess import (
+    MIRROR,
     RegistrationGrid,
     build_us_window,
     kidney_centroid,
+    kidney_side,
     normalize_ct,
     us_kidney_centroid,
     window_indices,
@@ -183,6 +185,11 @@ class CohortCase:
         init_poses: ``(n, 4, 4)`` initial poses from ``init.json``, or None (default pose).
         centroids_uv: ``(n, 2)`` U/S kidney centroids (mm), NaN where the mask is empty.
         ct_mask: The CT kidney mask (uint8, cropped around the kidney) for validation metrics.
+        us_structures: U/S maps of the structures after the kidney ``(S, n, rows, cols)``.
+        mirror: The network sees this case in the L-R mirror image of its grids (a left kidney,
+            as :class:`~kidneyreg.pipeline.Registrar` registers one): :meth:`moving` samples
+            ``G @ MIRROR``, :meth:`fixed` reverses the window's frames, and
+            :meth:`to_network` / :meth:`from_network` convert the outputs.
     """
 
     case_id: str
@@ -203,6 +210,7 @@ class CohortCase:
     us_structures: NDArray[np.float32] = field(
         default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32)
     )
+    mirror: bool = False
 
     @property
     def n_frames(self) -> int:
@@ -266,10 +274,28 @@ class CohortCase:
             )
         return np.asarray(uv, dtype=np.float64)
 
+    def to_network(self, targets: NDArray[np.float64]) -> NDArray[np.float64]:
+        """``(Nw, 4, 4)`` outputs on a grid as the network gives them (mirrored: reflected, and
+        in the reversed frame order of :meth:`fixed`)."""
+        if not self.mirror:
+            return np.asarray(targets, dtype=np.float64)
+        return np.asarray(MIRROR @ np.asarray(targets)[::-1] @ MIRROR, dtype=np.float64)
+
+    def from_network(self, output: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The network's output for one frame ``(4, 4)`` (or a window's ``(Nw, 4, 4)``, frames
+        in its order) as the offset ``D`` on the grid, ``M = G @ D @ P``."""
+        if not self.mirror:
+            return np.asarray(output, dtype=np.float64)
+        return np.asarray(MIRROR @ np.asarray(output) @ MIRROR, dtype=np.float64)
+
     def moving(self, grid_matrix: NDArray[np.float64]) -> torch.Tensor:
-        """The cached maps and CT sampled on the grid ``grid_matrix``: ``(2 + S, D, H, W)``."""
+        """The cached maps and CT sampled on the grid ``grid_matrix``: ``(2 + S, D, H, W)``
+        (on ``grid_matrix @ MIRROR`` for a mirrored case)."""
+        matrix = np.asarray(grid_matrix, dtype=np.float64)
+        if self.mirror:
+            matrix = matrix @ MIRROR
         volume = sample_grid(
-            self.cache, self.cache_origin, self.profile.spacing, grid_matrix, self.profile
+            self.cache, self.cache_origin, self.profile.spacing, matrix, self.profile
         )
         # Both channels lie in [0, 1]; trilinear weights can overshoot by a rounding error.
         return volume.clamp_(0.0, 1.0)
@@ -284,7 +310,14 @@ class CohortCase:
             for frames in sources
         ]
         # Linear interpolation in float32 can overshoot [0, 1] by a rounding error.
-        return torch.from_numpy(np.clip(np.stack(volumes), 0.0, 1.0))
+        window = torch.from_numpy(np.clip(np.stack(volumes), 0.0, 1.0))
+        if self.mirror:
+            # Frame j to the slice of frame Nw - 1 - j: a reflection about the middle slice
+            # nx // 2, not a flip of the whole (even-sized) x axis.
+            x0 = self.profile.volume_shape[0] // 2 - self.profile.window // 2
+            frames = slice(x0, x0 + self.profile.window)
+            window[..., frames] = window[..., frames].flip(-1)
+        return window
 
 
 def _cache_grid(ct: sitk.Image, centre: NDArray[np.float64], profile: Profile) -> RegistrationGrid:
@@ -363,6 +396,7 @@ def load_case(
     features: FeatureSource = "masks",
     feature_models: FeatureModels | None = None,
     structures: Sequence[str] = ("kidney",),
+    mirror: bool | None = None,
 ) -> CohortCase:
     """Read a case folder and cache what pair generation and validation need.
 
@@ -377,6 +411,9 @@ def load_case(
             :class:`~kidneyreg.registration.config.RegistrationConfig`); the maps of those after
             the kidney come from the case's label maps (:data:`LABEL_FILES`, smoothed like the
             masks), so they need ``features="masks"``.
+        mirror: Give the network the case in the mirror image (:class:`CohortCase`); None: for
+            a left kidney (the side of the body midline its centroid lies on), as ``register``
+            does.
 
     Raises:
         InputError: A missing or invalid file, empty masks, no frame showing the kidney.
@@ -474,6 +511,7 @@ def load_case(
         centroids_uv=centroids,
         ct_mask=_crop_mask(mask),
         us_structures=us_structures,
+        mirror=kidney_side(centre, ct) == "left" if mirror is None else bool(mirror),
     )
 
 
@@ -722,8 +760,12 @@ class TrainingPairs(Dataset[dict[str, Any]]):
         return {
             "fixed": case.fixed(k),
             "moving": case.moving(perturbed),
-            "target": torch.from_numpy(matrix_to_euler(targets).astype(np.float32)),
-            "offset": torch.from_numpy(matrix_to_euler(offset).astype(np.float32)),
+            "target": torch.from_numpy(
+                matrix_to_euler(case.to_network(targets)).astype(np.float32)
+            ),
+            "offset": torch.from_numpy(
+                matrix_to_euler(case.from_network(offset)).astype(np.float32)
+            ),
             "case": case.case_id,
             "k": k,
             "index": int(index),
@@ -758,7 +800,7 @@ class ValidationWindows(Dataset[dict[str, Any]]):
         c, k = self.items[index]
         case = self.cases[c]
         grid = case.initial_grid(k).matrix
-        targets = case.window_targets(k, grid)
+        targets = case.to_network(case.window_targets(k, grid))
         return {
             "fixed": case.fixed(k),
             "moving": case.moving(grid),

@@ -258,7 +258,8 @@ def _validate(
                 case = windows.cases[int(batch["case"][b])]
                 k = int(batch["k"][b])
                 # The predicted pose of the middle frame: M = G @ D @ P (architecture.md).
-                predicted = case.initial_grid(k).matrix @ middle[b] @ case.window_P(k)[mid]
+                offset = case.from_network(middle[b])
+                predicted = case.initial_grid(k).matrix @ offset @ case.window_P(k)[mid]
                 metrics = evaluate_frames(
                     case.ct_mask,
                     case.us_mask[k][None],
