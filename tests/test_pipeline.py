@@ -115,6 +115,20 @@ def test_initial_alignment_puts_us_centroid_on_ct_centroid(
     assert np.linalg.norm(prepared.window_centroid(7, 5) - own) < 3 * case.pixel_size
 
 
+def _assert_streaming_matches(
+    registrar: Registrar, case: SimulatedCase, result: Any, k: int
+) -> None:
+    """``register_frame`` on the window around frame ``k`` gives what ``register`` gave it."""
+    frame = registrar.register_frame(
+        case.frames[k - 2 : k + 3],
+        pixel_size=(case.pixel_size, case.pixel_size),
+        masks=case.us_kidney_mask[k - 2 : k + 3],
+    )
+    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
+    np.testing.assert_allclose(frame.initial_matrix, result.initial_matrices[k], atol=1e-9)
+    assert frame.loss_terms["loss"] == pytest.approx(result.loss_terms["loss"][k], abs=1e-4)
+
+
 def test_streaming_window_matches_sequence_registration(
     case: SimulatedCase, sequence: UltrasoundSequence
 ) -> None:
@@ -124,15 +138,7 @@ def test_streaming_window_matches_sequence_registration(
     prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
     result = registrar.register(prepared)
     assert not np.allclose(result.matrices, result.initial_matrices, atol=1e-3)
-    k = 6
-    frame = registrar.register_frame(
-        case.frames[k - 2 : k + 3],
-        pixel_size=(case.pixel_size, case.pixel_size),
-        masks=case.us_kidney_mask[k - 2 : k + 3],
-    )
-    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
-    np.testing.assert_allclose(frame.initial_matrix, result.initial_matrices[k], atol=1e-9)
-    assert frame.loss_terms["loss"] == pytest.approx(result.loss_terms["loss"][k], abs=1e-4)
+    _assert_streaming_matches(registrar, case, result, 6)
 
 
 def test_adaptation_runs_its_steps_and_lowers_the_loss(
@@ -396,13 +402,7 @@ def test_left_kidneys_are_registered_in_the_mirrored_grid(
     assert result.extras["mirrored"] and not plain.register(prepared).extras["mirrored"]
     assert not np.allclose(result.matrices, plain.register(prepared).matrices, atol=1e-3)
     np.testing.assert_allclose(result.initial_matrices[k], G @ P, atol=1e-9)
-    frame = mirrored.register_frame(
-        case.frames[k - 2 : k + 3],
-        pixel_size=(case.pixel_size, case.pixel_size),
-        masks=case.us_kidney_mask[k - 2 : k + 3],
-    )
-    np.testing.assert_allclose(frame.matrix, result.matrices[k], atol=1e-4)
-    np.testing.assert_allclose(frame.initial_matrix, result.initial_matrices[k], atol=1e-9)
+    _assert_streaming_matches(mirrored, case, result, k)
     # A network that outputs the identity leaves every frame at its initial alignment.
     still = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu", mirror=True)
     identity = still.register(prepared)
