@@ -531,3 +531,36 @@ def test_prefiltered_frames_give_the_same_windows() -> None:
     # Frames already at (or coarser than) the profile's spacing are not filtered.
     coarse = rng.random((3, 40, 50)).astype(np.float32)
     np.testing.assert_array_equal(pp.antialias_frames(coarse, (2.0, 2.0), "cpu"), coarse)
+
+
+def test_fill_renal_sinus_gives_a_parenchyma_only_mask_its_capsule() -> None:
+    from kidneyreg.simulate.case import simulate_case_data
+
+    case = simulate_case_data(0, frames=2, profile="tiny")
+    capsule = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
+    sinus = sitk.GetArrayFromImage(case.sinus_masks()[0]) > 0
+    assert (capsule & sinus).sum() > 0.1 * capsule.sum()
+
+    def mask_image(array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.CopyInformation(case.ct_kidney_mask)
+        return image
+
+    # A mask that already holds its sinus (the simulator's) is left as it is.
+    same, added = pp.fill_renal_sinus(case.ct_kidney_mask, case.ct)
+    assert added == 0 and np.array_equal(sitk.GetArrayFromImage(same) > 0, capsule)
+    # The parenchyma alone, as TotalSegmentator labels a kidney: its sinus comes back.
+    parenchyma = capsule & ~sinus
+    filled, added = pp.fill_renal_sinus(mask_image(parenchyma), case.ct)
+    result = sitk.GetArrayFromImage(filled) > 0
+    assert added == int((result & ~parenchyma).sum()) > 0.7 * (capsule & sinus).sum()
+    assert not (result & ~capsule).any()
+    dice = 2 * (result & capsule).sum() / (result.sum() + capsule.sum())
+    assert dice > 0.98 > 2 * parenchyma.sum() / (parenchyma.sum() + capsule.sum())
+    # Enhanced tissue (a contrast-filled vessel in the hilum) is not sinus; an empty mask stays.
+    hu = sitk.GetArrayFromImage(case.ct).astype(np.float32)
+    hu[capsule & sinus] = 250.0
+    bright = sitk.GetImageFromArray(hu)
+    bright.CopyInformation(case.ct)
+    assert pp.fill_renal_sinus(mask_image(parenchyma), bright)[1] == 0
+    assert pp.fill_renal_sinus(mask_image(np.zeros_like(capsule)), case.ct)[1] == 0

@@ -502,7 +502,12 @@ _UsOption = Annotated[
     Path, typer.Option("--us", help="U/S sequence (3D image, DICOM, video or PNG folder).")
 ]
 _CtMaskOption = Annotated[
-    Path | None, typer.Option("--ct-mask", help="CT kidney mask (else the CT feature network).")
+    Path | None,
+    typer.Option(
+        "--ct-mask",
+        help="CT kidney mask (else the CT feature network); a parenchyma-only mask "
+        "(TotalSegmentator's) gets its renal sinus filled in.",
+    ),
 ]
 _UsMaskOption = Annotated[
     Path | None,

@@ -63,6 +63,7 @@ from kidneyreg.preprocess import (
     MIRROR,
     RegistrationGrid,
     build_us_window,
+    fill_renal_sinus,
     kidney_centroid,
     kidney_side,
     normalize_ct,
@@ -440,6 +441,8 @@ def load_case(
             raise InputError(root / name, f"missing: the {', '.join(extra)} map needs it ({key})")
     ct = read_ct(root / CASE_FILES["ct"])
     mask = read_mask(root / CASE_FILES["ct_mask"], ct, kind="kidney mask")
+    # As at registration: a parenchyma-only mask gets its renal sinus (the U/S outline holds it).
+    mask, _ = fill_renal_sinus(mask, ct)
     sequence = read_us_sequence(root / CASE_FILES["us"])
     us_mask = read_us_mask(root / CASE_FILES["us_mask"], sequence).astype(np.uint8)
     references = _read_references(root, sequence.n_frames).matrices

@@ -38,9 +38,14 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 from kidneyreg.errors import InputError
+from kidneyreg.preprocess import (
+    SINUS_DEPTH_MM,
+    SINUS_HU_RANGE,
+    convex_hull_mask,
+    distance_inside,
+)
 from kidneyreg.simulate.anatomy import (
     SIDE_VALUES,
     SIDES,
@@ -102,7 +107,6 @@ _CORTICAL_HU = 600.0
 _WALL_MM = 20.0
 _BONE_NEIGHBOURHOOD_MM = 10.0
 _CORTEX_MM = 7.0
-_SINUS_DEPTH_MM = 4.0
 
 
 def _fail(source: str | Path | None, problem: str) -> InputError:
@@ -190,18 +194,6 @@ def _resample(image: sitk.Image, ref: sitk.Image, interp: int, default: float, p
     return sitk.GetArrayFromImage(out)
 
 
-def _distance_inside(mask: NDArray[np.bool_], spacing: float) -> NDArray[np.float32]:
-    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it (0 outside)."""
-    if not mask.any():
-        return np.zeros(mask.shape, np.float32)
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing((spacing,) * 3)
-    dist = sitk.SignedMaurerDistanceMap(
-        image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True
-    )
-    return np.maximum(sitk.GetArrayFromImage(dist), 0.0).astype(np.float32)
-
-
 def _body_mask(hu: NDArray[np.float32], spacing: float) -> NDArray[np.bool_]:
     """The patient: largest object above -500 HU (table cut off), holes filled per slice."""
     solid = hu > _AIR_HU
@@ -235,30 +227,6 @@ def _bright_structures(
     return bone, bright & ~bone
 
 
-def _convex_hull_mask(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """Voxels inside the convex hull of ``mask``'s voxel centres."""
-    idx = np.argwhere(mask)
-    if len(idx) < 8:
-        return mask.copy()
-    try:
-        equations = ConvexHull(idx).equations
-    except QhullError:
-        return mask.copy()
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
-    sub = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    shape = tuple(int(v) for v in hi - lo)
-    grid = np.indices(shape).reshape(3, -1).T + lo
-    # Inside the hull: on the inner side of every facet plane (chunked to bound memory).
-    inside = np.ones(len(grid), bool)
-    normals = equations[:, :3].T
-    for start in range(0, len(grid), 65536):
-        chunk = grid[start : start + 65536]
-        inside[start : start + 65536] = np.all(chunk @ normals + equations[:, 3] <= 1e-6, axis=1)
-    out = np.zeros(mask.shape, bool)
-    out[sub] = inside.reshape(shape)
-    return out | mask
-
-
 def _otsu(values: NDArray[np.float32]) -> float:
     """Otsu threshold of a 1D sample (256-bin histogram)."""
     hist, edges = np.histogram(values, bins=256)
@@ -283,16 +251,17 @@ def _split_kidney(
     Returns:
         (whole organ, tissue labels, hilum region = hull minus label, statistics).
     """
-    hull = _convex_hull_mask(organ)
-    capsule_depth = _distance_inside(hull, spacing)
-    deep = capsule_depth > _SINUS_DEPTH_MM
+    hull = convex_hull_mask(organ)
+    capsule_depth = distance_inside(hull, spacing)
+    deep = capsule_depth > SINUS_DEPTH_MM
     whole = organ
     if include_sinus:
         # The deep part of the hull outside the label is the hilum and sinus; fat or fluid
         # there belongs to the kidney (label maps often leave the sinus out).
-        extra = hull & ~organ & deep & (hu < 40.0) & (hu > _GAS_HU)
+        # preprocess.fill_renal_sinus adds the same voxels to a user's parenchyma-only mask.
+        extra = hull & ~organ & deep & (hu > SINUS_HU_RANGE[0]) & (hu < SINUS_HU_RANGE[1])
         whole = organ | extra
-    parenchyma = organ & (hu > 20.0) & (_distance_inside(organ, spacing) > spacing)
+    parenchyma = organ & (hu > 20.0) & (distance_inside(organ, spacing) > spacing)
     median = float(np.median(hu[parenchyma])) if parenchyma.any() else 30.0
     enhanced = median > 90.0
     hilum = hull & ~organ
@@ -534,7 +503,7 @@ def _label_tissues(
         _lungs_from_gas(tissue, gas, spacing)
 
     # Body wall: the outer shell, bone and its surroundings, labelled wall muscles.
-    depth = _distance_inside(body, spacing)
+    depth = distance_inside(body, spacing)
     bone_img = sitk.GetImageFromArray(bone.astype(np.uint8))
     bone_img.SetSpacing((spacing,) * 3)
     near_bone = np.zeros(hu.shape, bool)
