@@ -836,20 +836,21 @@ class Registrar:
             what=what,
             empty=empty,
         )
-        #: Voxels of renal sinus added to the given CT kidney mask (:func:`fill_renal_sinus`).
-        self.ct_mask_sinus_added = 0
+        #: Renal sinus (ml) added to the given CT kidney mask (:func:`fill_renal_sinus`).
+        self.ct_mask_sinus_filled_ml = 0.0
         if self.feature_source_ct == "masks":
             # The U/S outline is the capsule: a parenchyma-only mask (TotalSegmentator's) gets
             # its sinus, or the adaptation fits the C-shaped section (the real-CT case with
             # TotalSegmentator's label: adapted TRE 6.7 mm with it, 1.0 mm filled).
             filled, added = fill_renal_sinus(self.kidney.mask, ct)
             if added:
-                self.ct_mask_sinus_added = added
+                self.ct_mask_sinus_filled_ml = added * float(np.prod(ct.GetSpacing())) / 1000.0
                 self.kidney = dataclasses.replace(
                     self.kidney, mask=filled, centroid=kidney_centroid(filled)
                 )
-                volume_ml = added * float(np.prod(ct.GetSpacing())) / 1000.0
-                self._log(f"CT kidney mask: renal sinus filled in ({volume_ml:.1f} ml)")
+                self._log(
+                    f"CT kidney mask: renal sinus filled in ({self.ct_mask_sinus_filled_ml:.1f} ml)"
+                )
         self.ct_kidney_mask = self.kidney.mask
         self.sinus_networks = bool(
             sinus_networks or ct_sinus_features is not None or us_sinus_features is not None
@@ -1779,9 +1780,7 @@ class Registrar:
             "refinements": self.refinements,
             "frame_step": step,
             "mirrored": self.mirror,
-            "ct_mask_sinus_filled_ml": self.ct_mask_sinus_added
-            * float(np.prod(self.ct.GetSpacing()))
-            / 1000.0,
+            "ct_mask_sinus_filled_ml": self.ct_mask_sinus_filled_ml,
             "refinement_volumes": self.refinement_volumes,
         }
         if prepared.cycles is not None:
@@ -1868,7 +1867,7 @@ class Registrar:
             matrices = self.plane_search.offset.apply(matrices, prepared.centroids[nw // 2][None])
         return FrameRegistration(
             matrix=matrices[0],
-            initial_matrix=self.grids[grid_id].to_world_matrix(MIRROR @ P if self.mirror else P),
+            initial_matrix=self._grid_matrix(grid_id) @ P,  # G @ P, mirrored or not
             loss_terms={name: float(v[0]) for name, v in values.items()},
             seconds=time.perf_counter() - started,
         )
