@@ -1069,7 +1069,7 @@ def fill_renal_sinus(mask: sitk.Image, ct: sitk.Image) -> tuple[sitk.Image, int]
     low, high = SINUS_HU_RANGE
     extra = hull & ~organ & deep & (hu > low) & (hu < high)
     added = int(extra.sum())
-    out = (array.copy()).astype(np.uint8)
+    out = array.astype(np.uint8)
     out[box] |= extra.astype(np.uint8)
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(mask)
