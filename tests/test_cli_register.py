@@ -93,6 +93,7 @@ def test_register_writes_every_output(files: dict[str, Path]) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "warning: no breathing detected" in result.output
+    assert f"registered {N_FRAMES} frames (one-shot adaptation " in result.output
     transforms = read_transforms_json(out / "transforms.json", expected_frames=N_FRAMES)
     assert transforms.extras["adaptation"]["mode"] == "one-shot"
     assert transforms.extras["kidney"]["side"] == "right"
@@ -242,6 +243,7 @@ def test_register_with_sinus_masks_searches_the_plane(files: dict[str, Path]) ->
     out = files["root"] / "out_sinus_no_adapt"
     result = runner.invoke(app, [*_args(files, out, "--no-adapt", "--no-video"), *sinus])
     assert result.exit_code == 0, result.output
+    assert f"registered {N_FRAMES} frames (no adaptation, " in result.output
     transforms = read_transforms_json(out / "transforms.json", expected_frames=N_FRAMES)
     assert transforms.extras["plane_search"]["sinus_source"] == {"ct": "masks", "us": "masks"}
     assert transforms.extras["adaptation"]["mode"] == "none"

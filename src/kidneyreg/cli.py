@@ -804,9 +804,14 @@ def register(
             video=video,
         )
     timing = result.timing
+    adapted = (
+        "no adaptation"
+        if result.adaptation == "none"
+        else f"{result.adaptation} adaptation {timing['adaptation_s']:.1f} s"
+    )
     typer.echo(
-        f"registered {result.n_frames} frames ({result.adaptation} adaptation "
-        f"{timing['adaptation_s']:.1f} s, {timing['ms_per_frame']:.0f} ms per frame)"
+        f"registered {result.n_frames} frames ({adapted}, "
+        f"{timing['ms_per_frame']:.0f} ms per frame)"
     )
     typer.echo(f"wrote {paths['transforms']} and {len(paths) - 1} more output(s) in {out}")
 
