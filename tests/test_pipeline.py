@@ -267,6 +267,11 @@ def test_kidney_side_choice() -> None:
     only_right.CopyInformation(ct)
     with pytest.raises(InputError, match="no left kidney found"):
         choose_kidney(only_right, ct, "left", source="mask.nii.gz")
+    assert choose_kidney(only_right, ct, "auto").reason == "default (right when present)"
+    only_left = sitk.GetImageFromArray(sitk.GetArrayFromImage(mask) - keep_right)
+    only_left.CopyInformation(ct)
+    alone = choose_kidney(only_left, ct, "auto")
+    assert (alone.side, alone.reason) == ("left", "the only side found")
     empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(ct)
     with pytest.raises(InputError, match="no kidney found in the CT"):

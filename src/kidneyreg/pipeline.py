@@ -418,9 +418,10 @@ def choose_kidney(
         point = np.asarray(near, dtype=np.float64)
         nearest = min(kept, key=lambda lab: float(np.linalg.norm(centroids[lab] - point)))
         side, reason = sides[nearest], "nearest to the initial pose"
+    elif found == ["left"]:
+        side, reason = "left", "the only side found"
     else:
-        side = "right" if "right" in found else "left"
-        reason = "default (right when present)"
+        side, reason = "right", "default (right when present)"
     chosen = [lab for lab in kept if sides[lab] == side]
     array = np.isin(sitk.GetArrayViewFromImage(components), chosen).astype(np.uint8)
     mask = sitk.GetImageFromArray(array)
