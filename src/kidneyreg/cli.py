@@ -72,7 +72,12 @@ def simulate(
         ),
     ] = None,
     labels: Annotated[
-        Path | None, typer.Option("--labels", help="Kidney label map of --from-ct.")
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Kidney label map of --from-ct on its grid: 1 right / 2 left, a 0/1 mask of "
+            "one or both kidneys (sides by position), KiTS, or TotalSegmentator v1.",
+        ),
     ] = None,
     kidney: Annotated[
         str | None,

@@ -255,6 +255,22 @@ def test_real_labels_without_the_kidney(real_ct_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.realdata
+def test_a_view_whose_fan_leaves_the_ct_gives_way_to_another(real_ct_dir: Path) -> None:
+    """The real CT's left kidney at ``tiny`` (cohort seed 31, case 0): the best acoustic window
+    puts 31 % of the fan outside the CT, which used to stop the simulation; the next view that
+    fits the CT is chosen instead."""
+    data = simulate_case_data(
+        case_seed(31, 0),
+        frames=2,
+        profile="tiny",
+        from_ct=real_ct_dir / "ct.nii.gz",
+        labels=real_ct_dir / "kidneys.nii.gz",
+        kidney="left",
+    )
+    assert data.info["fan_inside_ct_fraction"] >= 0.7
+
+
+@pytest.mark.realdata
 def test_real_ct_too_small_for_the_probe(real_ct_dir: Path, tmp_path: Path) -> None:
     ct = sitk.ReadImage(str(real_ct_dir / "ct.nii.gz"))
     labels = sitk.ReadImage(str(real_ct_dir / "kidneys.nii.gz"))

@@ -17,6 +17,7 @@ from kidneyreg.simulate.probe import (
     GROUP_STATISTICS,
     ProbeGeometry,
     ProbeOffset,
+    ProbePlacement,
     RandomProbeGeometry,
     RandomProbeOffset,
     approach_rotation,
@@ -299,3 +300,34 @@ def test_window_search_finds_a_flank_view_past_a_rib() -> None:
     )
     assert offset is turned and visible > 0.9
     assert np.allclose(placement.matrix[:3, :3], turned.matrix(KIDNEY_CENTRE)[:3, :3] @ base)
+
+
+def test_window_search_skips_rejected_views() -> None:
+    """A view the caller rejects (its fan leaves the CT) gives way to the next best one; with
+    every view rejected the reason is the error."""
+    base = approach_rotation("flank", "right")
+    labels = _phantom(bar_at=KIDNEY_CENTRE - 45.0 * base[:, 1])
+    geo = ProbeGeometry(55.0, 65.0, 150.0, 3.5, 90.0, 2.0)
+    points = _kidney_points(labels)
+    nominal = ProbeOffset("A", (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    turned = ProbeOffset("A", (0.0, 0.0, 60.0), (0.0, 0.0, 0.0))
+    candidates = [(nominal, 0.0), (turned, 0.0)]
+    turned_rotation = turned.matrix(KIDNEY_CENTRE)[:3, :3] @ base
+
+    def reject_turned(placement: ProbePlacement) -> str | None:
+        return "outside" if np.allclose(placement.matrix[:3, :3], turned_rotation) else None
+
+    _, offset, visible = place_probe_in_window(
+        labels, points, KIDNEY_CENTRE, candidates, geo, base_rotation=base, reject=reject_turned
+    )
+    assert offset is nominal and visible < 0.5
+    with pytest.raises(InputError, match="fan leaves the CT"):
+        place_probe_in_window(
+            labels,
+            points,
+            KIDNEY_CENTRE,
+            candidates,
+            geo,
+            base_rotation=base,
+            reject=lambda _placement: "fan leaves the CT",
+        )

@@ -154,6 +154,39 @@ def test_kits_style_folder(real_ct_dir: Path, tmp_path: Path) -> None:
         anatomy_from_ct(ct, single, kidney="left", scheme="kits", spacing=3.0)
 
 
+def test_binary_masks_get_their_sides_from_positions(real_ct_dir: Path, tmp_path: Path) -> None:
+    """A 0/1 mask (both kidneys in one mask, or TotalSegmentator's kidney_left.nii.gz) is not
+    read as "1 = right": each kidney goes to the side of the body midline it lies on, and a
+    kidney labelled in two pieces stays one kidney."""
+    ct_path = real_ct_dir / "ct.nii.gz"
+    kidneys = sitk.ReadImage(str(real_ct_dir / "kidneys.nii.gz"))
+    seg = sitk.GetArrayFromImage(kidneys)
+
+    def write(array: np.ndarray, name: str) -> Path:
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.CopyInformation(kidneys)
+        path = tmp_path / name
+        sitk.WriteImage(image, str(path))
+        return path
+
+    both = write(seg > 0, "kidneys_binary.nii.gz")
+    _, anatomy = read_real_anatomy(ct_path, both, "left", find_organs=False, spacing=SPACING)
+    assert anatomy.metadata["label_scheme"] == "binary"
+    assert set(anatomy.kidneys) == {"right", "left"}
+    for side, value in SIDE_VALUES.items():
+        assert _dice_on_original_grid(anatomy, side, kidneys, value) > 0.95
+    # The left kidney alone, cut in two along S-I by a 2-voxel gap: still one left kidney.
+    left = seg == 2
+    z_mid = int(np.argwhere(left)[:, 0].mean())
+    left[z_mid : z_mid + 2] = False
+    only_left = write(left, "kidney_left.nii.gz")
+    _, alone = read_real_anatomy(ct_path, only_left, "left", find_organs=False, spacing=SPACING)
+    assert set(alone.kidneys) == {"left"}
+    assert _dice_on_original_grid(alone, "left", kidneys, 2) > 0.9
+    with pytest.raises(InputError, match="no right kidney label"):
+        read_real_anatomy(ct_path, only_left, "right", find_organs=False, spacing=SPACING)
+
+
 def test_kidney_layers_follow_the_capsule_and_the_sinus_is_kept(real_ct_dir: Path) -> None:
     """Cortex under the capsule, medulla inside it, sinus in the middle (as on U/S), even though
     the label map leaves the sinus out and the scan has no contrast to show the layers."""

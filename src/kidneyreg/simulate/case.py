@@ -390,6 +390,17 @@ def simulate_case_data(
     offsets = RandomProbeOffset(group).sample_candidates(rng, _N_CANDIDATES)  # type: ignore[arg-type]
     geometry = RandomProbeGeometry().sample(rng, pixel_size=prof.spacing)
     shifts = rng.uniform(-_LATERAL_SHIFT_MM, _LATERAL_SHIFT_MM, len(offsets))
+
+    def outside_ct(candidate: ProbePlacement) -> str | None:
+        # A view whose fan leaves the CT would image made-up tissue: another view is chosen.
+        inside = _fan_inside_fraction(ct, candidate, candidate.geometry.fan_mask().astype(bool))
+        if inside >= _MIN_FAN_INSIDE:
+            return None
+        return (
+            f"CT too small to hold the probe's field of view (only {100 * inside:.0f} % of the "
+            "fan lies inside the CT)"
+        )
+
     placement, offset, visible = place_probe_in_window(
         anatomy.labels,
         points,
@@ -399,6 +410,7 @@ def simulate_case_data(
         batch=_CANDIDATE_BATCH,
         base_rotation=base_rotation,
         source=source,
+        reject=outside_ct,
     )
     if visible < MIN_VISIBLE_KIDNEY:
         hint = " (try --approach flank)" if approach == "sagittal" else ""
@@ -417,13 +429,6 @@ def simulate_case_data(
     )
     geo = placement.geometry
     fan = geo.fan_mask().astype(bool)
-    inside = _fan_inside_fraction(ct, placement, fan)
-    if inside < _MIN_FAN_INSIDE:
-        raise InputError(
-            source,
-            f"CT too small to hold the probe's field of view (only {100 * inside:.0f} % of the "
-            "fan lies inside the CT)",
-        )
 
     timings["probe_s"] = time.perf_counter() - started - sum(timings.values())
     # Breathing.
@@ -488,7 +493,7 @@ def simulate_case_data(
         "default_pose_through_centroid": "u -> superior, v -> posterior, origin chosen so the "
         "kidney centroid is on the fan axis",
         "visible_kidney_fraction": visible,
-        "fan_inside_ct_fraction": inside,
+        "fan_inside_ct_fraction": _fan_inside_fraction(ct, placement, fan),
         "n_frames": n_frames,
         "frame_shape": list(geo.frame_shape),
         "frame_rate": motion.params.frame_rate,

@@ -22,6 +22,7 @@ whose rotation and translation norms follow the paper's groups A and B.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -656,6 +657,7 @@ def place_probe_in_window(
     enough: float = 0.9,
     base_rotation: ArrayLike = DEFAULT_POSE_ROTATION,
     source: str = "label map",
+    reject: Callable[[ProbePlacement], str | None] | None = None,
 ) -> tuple[ProbePlacement, ProbeOffset, float]:
     """Choose the candidate view a sonographer would: unshadowed, then closest to the kidney.
 
@@ -675,12 +677,15 @@ def place_probe_in_window(
         enough: Visible fraction that ends the search after a batch.
         base_rotation: Nominal view rotation the offsets act on (see :func:`place_probe`).
         source: Name of the input, for error messages.
+        reject: Returns why a placed candidate cannot be used (e.g. its fan leaves the CT), or
+            None; rejected candidates are skipped like those that cannot be placed.
 
     Returns:
         The placement, its offset, and its visible kidney fraction.
 
     Raises:
-        InputError: From :func:`place_probe` when no candidate can be placed.
+        InputError: From :func:`place_probe`, or with the last ``reject`` reason, when no
+            candidate can be used.
 
     Example:
         >>> place_probe_in_window(labels, pts, c, [(offset, 0.0)], geo)  # doctest: +SKIP
@@ -706,6 +711,10 @@ def place_probe_in_window(
             )
         except InputError as exc:
             error = exc
+            continue
+        problem = reject(placement) if reject is not None else None
+        if problem is not None:
+            error = InputError(source, problem)
             continue
         placed.append((placement, offset, visible_kidney_fraction(labels, placement)))
     if not placed:

@@ -43,6 +43,7 @@ from kidneyreg.errors import InputError
 from kidneyreg.preprocess import (
     SINUS_DEPTH_MM,
     SINUS_HU_RANGE,
+    body_midline_x,
     convex_hull_mask,
     distance_inside,
 )
@@ -64,8 +65,9 @@ __all__ = [
 
 #: How a kidney label map is read: ``sided`` 1 right / 2 left kidney (the shared example's
 #: ``kidneys.nii.gz``); ``kits`` 1 kidney, 2 tumour, 3 cyst, without sides (KiTS19/21);
-#: ``totalsegmentator`` the TotalSegmentator v1 multi-organ map (2 right, 3 left kidney).
-LABEL_SCHEMES = ("sided", "kits", "totalsegmentator")
+#: ``totalsegmentator`` the TotalSegmentator v1 multi-organ map (2 right, 3 left kidney);
+#: ``binary`` any nonzero voxel is kidney, one or both, sides found as for KiTS.
+LABEL_SCHEMES = ("sided", "kits", "totalsegmentator", "binary")
 
 _TS_KIDNEYS = {"right": 2, "left": 3}
 
@@ -107,6 +109,8 @@ _CORTICAL_HU = 600.0
 _WALL_MM = 20.0
 _BONE_NEIGHBOURHOOD_MM = 10.0
 _CORTEX_MM = 7.0
+#: Components of an unsided kidney mask smaller than this share of the largest are left out.
+_MIN_COMPONENT_SHARE = 0.2
 
 
 def _fail(source: str | Path | None, problem: str) -> InputError:
@@ -143,26 +147,26 @@ def _kidney_masks(
 
 
 def _split_unsided(mask: NDArray[np.bool_], ct: sitk.Image) -> dict[str, NDArray[np.bool_]]:
-    """Split a both-kidneys mask (KiTS) into sides by connected components and x position."""
+    """Split a kidney mask without sides (KiTS, binary maps) by the body's midline.
+
+    Every connected component of at least :data:`_MIN_COMPONENT_SHARE` of the largest one goes
+    to the side of the midline its centroid lies on, so a kidney labelled in two pieces stays
+    one kidney, and one kidney alone gets its side from its position.
+    """
     components, n = ndimage.label(mask)
     if n == 0:
         return {}
     sizes = ndimage.sum_labels(mask, components, index=np.arange(1, n + 1))
-    keep = np.argsort(sizes)[::-1][:2] + 1
-    # World x (LPS: larger x = patient's left) of each kept component's centroid.
-    xs = []
-    for value in keep:
-        idx = np.argwhere(components == value).mean(axis=0)[::-1]
-        xs.append(ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx])[0])
-    if len(keep) == 2 and sizes[keep[1] - 1] > 0.2 * sizes[keep[0] - 1]:
-        right, left = (keep[0], keep[1]) if xs[0] < xs[1] else (keep[1], keep[0])
-        return {"right": components == right, "left": components == left}
-    # One kidney: its side from its position relative to the body's midline.
-    body = sitk.GetArrayViewFromImage(ct) > _AIR_HU
-    idx = np.argwhere(body).mean(axis=0)[::-1]
-    mid = ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx])[0]
-    side = "right" if xs[0] < mid else "left"
-    return {side: components == keep[0]}
+    centroids = ndimage.center_of_mass(mask, components, index=np.arange(1, n + 1))
+    midline = body_midline_x(ct)
+    sides: dict[str, list[int]] = {"right": [], "left": []}
+    for value, (size, centroid) in enumerate(zip(sizes, centroids, strict=True), start=1):
+        if size < _MIN_COMPONENT_SHARE * sizes.max():
+            continue
+        # (z, y, x) array index -> world (LPS: larger x = the patient's left).
+        world = ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in centroid[::-1]])
+        sides["right" if world[0] < midline else "left"].append(value)
+    return {side: np.isin(components, values) for side, values in sides.items() if values}
 
 
 def _output_grid(ct: sitk.Image, spacing: float, z_range: tuple[float, float] | None) -> sitk.Image:
@@ -558,8 +562,12 @@ def _read(path: Path, what: str) -> sitk.Image:
 def _guess_scheme(labels_path: Path, labels: sitk.Image) -> str:
     if labels_path.name.lower().startswith("segmentation"):
         return "kits"
-    maximum = int(np.max(sitk.GetArrayViewFromImage(labels)))
-    return "totalsegmentator" if maximum > 3 else "sided"
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    if values.max() > 3:
+        return "totalsegmentator"
+    # One value only (a binary mask, e.g. TotalSegmentator's kidney_left.nii.gz or both
+    # kidneys in one mask): read 1 as "right" and a left kidney or both kidneys end on one side.
+    return "binary" if set(values.tolist()) <= {0, 1} else "sided"
 
 
 def read_real_anatomy(
@@ -584,7 +592,8 @@ def read_real_anatomy(
       2 tumour, 3 cyst; sides found by connected components);
     * explicit files (any SimpleITK format, or a DICOM series folder for the CT); the label
       scheme is guessed from the labels (``segmentation*`` -> KiTS, values above 3 ->
-      TotalSegmentator multi-organ, else 1 right / 2 left). An ``organs.nii.gz`` beside the
+      TotalSegmentator multi-organ, 1 the only value -> binary, one or both kidneys, sides
+      by position; else 1 right / 2 left). An ``organs.nii.gz`` beside the
       labels is used when ``find_organs`` is set.
 
     Args:
