@@ -6,7 +6,8 @@ pipeline runs it (disjoint windows of ``Nw`` frames, ``predict_us(stride=Nw)``, 
 and is scored against the ground truth:
 
 * ``raw``: Dice of the thresholded maps over the whole sequence;
-* ``cleaned``: Dice after :func:`kidneyreg.pipeline.persistent_region` (what registration reads);
+* ``cleaned``: Dice after :func:`kidneyreg.pipeline.persistent_region` and
+  :func:`kidneyreg.pipeline.convex_regions` (what registration reads);
 * ``centroid_mm``: the median over frames of the distance between the cleaned map's kidney
   centroid and the true one (frames where either is empty are left out): the quantity the
   initial alignment is built from.
@@ -37,7 +38,7 @@ from kidneyreg.features.data import find_cases
 from kidneyreg.features.infer import FeatureModel, load_feature_model, predict_us
 from kidneyreg.features.metrics import dice
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import _frame_centroids, persistent_region
+from kidneyreg.pipeline import _frame_centroids, convex_regions, persistent_region
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def score_cohort(
         sequence = read_us_sequence(files.image, min_frames=1)
         truth = np.asarray(read_us_mask(files.mask, sequence)) > 0
         binary = predict_us(model, sequence, stride=stride) >= threshold
-        kept = persistent_region(binary)
+        kept = convex_regions(persistent_region(binary))
         raw.append(dice(binary, truth))
         cleaned.append(dice(kept, truth))
         centroid.append(median_centroid_error(kept, truth, sequence.pixel_size))

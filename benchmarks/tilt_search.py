@@ -43,7 +43,12 @@ from kidneyreg.geometry import resample_on_frames
 from kidneyreg.io.image import read_ct, read_mask
 from kidneyreg.io.transforms import read_transforms_json
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import Registrar, load_registration_model, persistent_region
+from kidneyreg.pipeline import (
+    Registrar,
+    convex_regions,
+    load_registration_model,
+    persistent_region,
+)
 
 tilted = tilt_observability.tilted
 SINUS_CODES: tuple[int, ...] = tilt_observability.STRUCTURES["sinus"]
@@ -138,7 +143,7 @@ def evaluate_case(case: Path, args: argparse.Namespace) -> dict[str, Any]:
         from kidneyreg.features.infer import load_feature_model, predict_us
 
         model = load_feature_model(None, modality="us", profile=registrar.profile.name)
-        us_kidney = persistent_region(predict_us(model, sequence, stride=5) >= 0.5)
+        us_kidney = convex_regions(persistent_region(predict_us(model, sequence, stride=5) >= 0.5))
     else:
         us_kidney = us_mask.astype(bool)
     us_sinus = np.isin(us_labels, SINUS_CODES)

@@ -90,6 +90,7 @@ from kidneyreg.preprocess import (
     antialias_frames,
     body_midline_x,
     build_us_window,
+    convex_hull_mask,
     fill_renal_sinus,
     kidney_centroid,
     normalize_ct,
@@ -122,6 +123,7 @@ __all__ = [
     "RegistrationModel",
     "bundled_registration_path",
     "choose_kidney",
+    "convex_regions",
     "largest_region_per_frame",
     "load_registration_model",
     "persistent_region",
@@ -577,6 +579,28 @@ def persistent_region(binary: ArrayLike) -> NDArray[np.bool_]:
         if back.any():
             kept[k] = largest_region_per_frame(back[None])[0]
     return kept
+
+
+def convex_regions(binary: ArrayLike) -> NDArray[np.bool_]:
+    """Each frame's kidney region ``(n, rows, cols)`` replaced by its convex hull.
+
+    A long- or short-axis section of the kidney on U/S is its capsule outline, convex but for
+    the hilum, with the renal sinus (the bright central echo complex) inside; the CT masks it
+    is matched against hold the sinus too (:func:`~kidneyreg.preprocess.fill_renal_sinus`).
+    The U/S network sometimes leaves the sinus out and outlines a C: on B-mode rendered from the
+    real CT the hull raised the kidney map's Dice from 0.75 to 0.86 and brought its median
+    centroid error from 13.0 to 6.4 mm, while 8 held-out simulated sequences kept 0.945.
+
+    Example:
+        >>> frames = np.zeros((1, 5, 5), bool)
+        >>> frames[0, 1:4, 1:4] = True; frames[0, 1:3, 2] = False  # a C open at the top
+        >>> convex_regions(frames)[0, 1:3, 2].tolist()
+        [True, True]
+    """
+    frames = np.asarray(binary, dtype=bool)
+    if frames.ndim != 3:
+        raise ValueError(f"binary must be (frames, rows, cols), got shape {frames.shape}")
+    return np.stack([convex_hull_mask(frame) if frame.any() else frame for frame in frames])
 
 
 def _far_from(footprint: NDArray[np.bool_], frame: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -1206,9 +1230,10 @@ class Registrar:
             # held-out simulated sequences, and on B-mode rendered from the real CT (where the
             # gallbladder and the kidney take turns at being the largest) Dice 0.29 -> 0.58 and
             # the median centroid error 81 -> 27 mm.
-            binary = persistent_region(features >= FEATURE_THRESHOLD)
+            kept = persistent_region(features >= FEATURE_THRESHOLD)
+            binary = convex_regions(kept)
             fringe = ndimage.binary_dilation(binary, structure=_IN_PLANE_CROSS, iterations=2)
-            features = features * fringe
+            features = np.where(binary & ~kept, 1.0, features * fringe).astype(np.float32)
             source = "network"
         sinus = None
         if sinus_masks is not None:

@@ -971,15 +971,22 @@ def build_us_window(
 
 
 def convex_hull_mask(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """Voxels inside the convex hull of ``mask``'s voxel centres (``mask`` itself when flat).
+    """Pixels or voxels inside the convex hull of ``mask``'s pixel centres (2D or 3D).
+
+    ``mask`` itself when it is too small or flat for a hull.
 
     Example:
         >>> ring = np.zeros((1, 5, 5), bool); ring[0, 1:4, 1:4] = True; ring[0, 2, 2] = False
         >>> convex_hull_mask(np.concatenate([ring, ring, ring]))[1, 2, 2]
         np.True_
+        >>> convex_hull_mask(ring[0])[2, 2]
+        np.True_
     """
+    ndim = mask.ndim
+    if ndim not in (2, 3):
+        raise ValueError(f"mask must be 2D or 3D, got shape {mask.shape}")
     idx = np.argwhere(mask)
-    if len(idx) < 8:
+    if len(idx) < 2**ndim:
         return mask.copy()
     try:
         equations = ConvexHull(idx).equations
@@ -988,13 +995,13 @@ def convex_hull_mask(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
     sub = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     shape = tuple(int(v) for v in hi - lo)
-    grid = np.indices(shape).reshape(3, -1).T + lo
+    grid = np.indices(shape).reshape(ndim, -1).T + lo
     # Inside the hull: on the inner side of every facet plane (chunked to bound memory).
     inside = np.ones(len(grid), bool)
-    normals = equations[:, :3].T
+    normals = equations[:, :ndim].T
     for start in range(0, len(grid), 65536):
         chunk = grid[start : start + 65536]
-        inside[start : start + 65536] = np.all(chunk @ normals + equations[:, 3] <= 1e-6, axis=1)
+        inside[start : start + 65536] = np.all(chunk @ normals + equations[:, ndim] <= 1e-6, axis=1)
     out = np.zeros(mask.shape, bool)
     out[sub] = inside.reshape(shape)
     return out | mask
