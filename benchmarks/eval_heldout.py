@@ -110,6 +110,7 @@ def evaluate_case(
     sinus: str | None = None,
     sinus_models: tuple[Path | None, Path | None] = (None, None),
     mirror: bool | None = None,
+    us_features: Path | None = None,
 ) -> dict[str, Any]:
     """Scores of one case: ``{"initial": {...}, "pretrained": {...}, "adapted": {...}}``.
 
@@ -124,7 +125,8 @@ def evaluate_case(
     (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None: the
     bundled ones), and ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained / adapted
     model with the plane search (:meth:`Registrar.search_plane`) applied; the rows without the
-    suffix stay without it.
+    suffix stay without it. ``us_features``: the U/S kidney feature network of
+    ``features="network"`` (None: the bundled one).
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -149,6 +151,7 @@ def evaluate_case(
         sinus_networks=sinus == "network",
         ct_sinus_features=sinus_models[0],
         us_sinus_features=sinus_models[1],
+        us_features=us_features,
         device="cpu",
         kidney=info["kidney"],
         refinements=refinements,
@@ -317,6 +320,12 @@ def main() -> None:
         default="auto",
         help="network in the mirrored grid: auto (left kidneys, as register does), on, off",
     )
+    parser.add_argument(
+        "--us-features",
+        type=Path,
+        default=None,
+        help="U/S kidney feature network with --features network (default: the bundled one)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -339,6 +348,7 @@ def main() -> None:
                 sinus=args.sinus,
                 sinus_models=(args.ct_sinus_features, args.us_sinus_features),
                 mirror={"auto": None, "on": True, "off": False}[args.mirror],
+                us_features=args.us_features,
             )
             rows.append(row)
             print(
