@@ -265,15 +265,23 @@ def _hu_int16(ct: sitk.Image) -> sitk.Image:
     return out
 
 
-def _fan_inside_fraction(
-    ct: sitk.Image, placement: ProbePlacement, fan: NDArray[np.bool_]
-) -> float:
-    """Fraction of the fan's pixels that lie inside the CT's grid at end-expiration."""
+def _ct_support(ct: sitk.Image) -> sitk.Image:
+    """Ones on the CT's grid: what lies inside the CT, for :func:`_fan_inside_fraction`."""
     ones = sitk.Image(ct.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(ct)
+    return ones
+
+
+def _fan_inside_fraction(
+    support: sitk.Image, placement: ProbePlacement, fan: NDArray[np.bool_]
+) -> float:
+    """Fraction of the fan's pixels inside the CT's grid at end-expiration.
+
+    ``support`` is :func:`_ct_support` of the CT, built once for all candidate views.
+    """
     geo = placement.geometry
     inside = resample_on_frames(
-        ones,
+        support,
         placement.matrix[None],
         geo.frame_shape,
         (geo.pixel_size, geo.pixel_size),
@@ -391,9 +399,12 @@ def simulate_case_data(
     geometry = RandomProbeGeometry().sample(rng, pixel_size=prof.spacing)
     shifts = rng.uniform(-_LATERAL_SHIFT_MM, _LATERAL_SHIFT_MM, len(offsets))
 
+    support = _ct_support(ct)
+
     def outside_ct(candidate: ProbePlacement) -> str | None:
         # A view whose fan leaves the CT would image made-up tissue: another view is chosen.
-        inside = _fan_inside_fraction(ct, candidate, candidate.geometry.fan_mask().astype(bool))
+        fan = candidate.geometry.fan_mask().astype(bool)
+        inside = _fan_inside_fraction(support, candidate, fan)
         if inside >= _MIN_FAN_INSIDE:
             return None
         return (
@@ -493,7 +504,7 @@ def simulate_case_data(
         "default_pose_through_centroid": "u -> superior, v -> posterior, origin chosen so the "
         "kidney centroid is on the fan axis",
         "visible_kidney_fraction": visible,
-        "fan_inside_ct_fraction": _fan_inside_fraction(ct, placement, fan),
+        "fan_inside_ct_fraction": _fan_inside_fraction(support, placement, fan),
         "n_frames": n_frames,
         "frame_shape": list(geo.frame_shape),
         "frame_rate": motion.params.frame_rate,
