@@ -642,6 +642,38 @@ def test_a_network_map_without_the_sinus_gets_the_whole_kidney(
         pipeline.convex_regions(np.zeros((3, 3), bool))
 
 
+def test_the_bundled_us_network_on_a_flank_view_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flank ``init`` (about 60 degrees from sagittal) with the bundled U/S network's maps
+    warns; masks, a user's U/S network or a sagittal start do not."""
+    import warnings as warnings_module
+
+    import kidneyreg.features.infer as infer
+
+    flank = simulate_case_data(3, frames=5, profile="tiny", approach="flank", group="B")
+    frames = UltrasoundSequence(flank.frames.astype(np.float32), (flank.pixel_size,) * 2)
+    masks = flank.us_kidney_mask
+
+    class _Model:
+        config = dataclasses.make_dataclass("C", [("window", int)])(int(tiny_config().window))
+
+    monkeypatch.setattr(Registrar, "_us_model_loaded", lambda self: _Model())
+    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: masks.astype(np.float32))
+
+    def registrar(**options: Any) -> Registrar:
+        return Registrar(
+            flank.ct, tiny_net(), ct_mask=flank.ct_kidney_mask, device="cpu", **options
+        )
+
+    with pytest.warns(pipeline.UntrainedViewWarning, match="degrees from the sagittal"):
+        prepared = registrar(init=flank.initial_pose).prepare(frames, detect=False)
+    assert any("give --us-mask" in message for message in prepared.warnings)
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error", pipeline.UntrainedViewWarning)
+        registrar(init=flank.initial_pose).prepare(frames, masks, detect=False)
+        registrar(init=flank.initial_pose, us_features="mine.pt").prepare(frames, detect=False)
+        registrar().prepare(frames, detect=False)
+
+
 def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
     frames = np.zeros((6, 20, 30), bool)
     frames[:, 2:8, 2:8] = True  # the kidney: 36 pixels in every frame
