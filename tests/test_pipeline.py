@@ -569,21 +569,26 @@ def test_refinement_grids_are_shared_between_nearby_frames(
     assert 0.0 < float(shift.max()) < tolerance_mm
 
 
-def test_network_kidney_centroid_ignores_small_false_regions(
-    case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fake_us_network(monkeypatch: pytest.MonkeyPatch, maps: np.ndarray) -> None:
+    """The U/S feature network replaced by fixed probability ``maps`` (no model loaded)."""
     import kidneyreg.features.infer as infer
-
-    truth = case.us_kidney_mask.astype(np.float32)
-    blob = np.zeros_like(truth)
-    blob[:, :3, :3] = 1.0  # a small response in a far corner of every frame
-    assert not (truth[:, :4, :4]).any()
 
     class _Model:
         config = dataclasses.make_dataclass("C", [("window", int)])(int(tiny_config().window))
 
     monkeypatch.setattr(Registrar, "_us_model_loaded", lambda self: _Model())
-    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: truth + blob)
+    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: maps)
+
+
+def test_network_kidney_centroid_ignores_small_false_regions(
+    case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = case.us_kidney_mask.astype(np.float32)
+    blob = np.zeros_like(truth)
+    blob[:, :3, :3] = 1.0  # a small response in a far corner of every frame
+    assert not (truth[:, :4, :4]).any()
+
+    _fake_us_network(monkeypatch, truth + blob)
     registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
     with pytest.warns(BreathingNotDetectedWarning):
         from_network = registrar.prepare(sequence)
@@ -604,8 +609,6 @@ def test_a_network_map_without_the_sinus_gets_the_whole_kidney(
     """A U/S map that leaves the bright central echo complex out (a C open on one side) is
     read as the convex kidney section it outlines: centroids as from the convex masks, the
     gap counted as kidney."""
-    import kidneyreg.features.infer as infer
-
     convex = pipeline.convex_regions(case.us_kidney_mask)
     c_shaped = convex.astype(np.float32)
     gaps = np.zeros(convex.shape, bool)
@@ -619,11 +622,7 @@ def test_a_network_map_without_the_sinus_gets_the_whole_kidney(
     c_shaped[gaps] = 0.2  # the network's low probability over the sinus
     assert gaps.sum() > 0.05 * convex.sum()
 
-    class _Model:
-        config = dataclasses.make_dataclass("C", [("window", int)])(int(tiny_config().window))
-
-    monkeypatch.setattr(Registrar, "_us_model_loaded", lambda self: _Model())
-    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: c_shaped)
+    _fake_us_network(monkeypatch, c_shaped)
     registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
     with pytest.warns(BreathingNotDetectedWarning):
         from_network = registrar.prepare(sequence)
@@ -647,17 +646,11 @@ def test_the_bundled_us_network_on_a_flank_view_warns(monkeypatch: pytest.Monkey
     warns; masks, a user's U/S network or a sagittal start do not."""
     import warnings as warnings_module
 
-    import kidneyreg.features.infer as infer
-
     flank = simulate_case_data(3, frames=5, profile="tiny", approach="flank", group="B")
     frames = UltrasoundSequence(flank.frames.astype(np.float32), (flank.pixel_size,) * 2)
     masks = flank.us_kidney_mask
 
-    class _Model:
-        config = dataclasses.make_dataclass("C", [("window", int)])(int(tiny_config().window))
-
-    monkeypatch.setattr(Registrar, "_us_model_loaded", lambda self: _Model())
-    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: masks.astype(np.float32))
+    _fake_us_network(monkeypatch, masks.astype(np.float32))
 
     def registrar(**options: Any) -> Registrar:
         return Registrar(
