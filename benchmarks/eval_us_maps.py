@@ -128,7 +128,10 @@ def main() -> None:
     """Score every model on every cohort, print a table and the bundling verdicts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", action="append", default=None, help="U/S checkpoint or 'bundled' (repeat)."
+        "--model",
+        action="append",
+        default=None,
+        help="U/S checkpoint, 'bundled' or 'bundled-flank' (the flank-view model) (repeat).",
     )
     parser.add_argument("--cohort", type=Path, action="append", default=[], help="Repeatable.")
     parser.add_argument("--real", type=Path, default=None, help="Cohort rendered from a real CT.")
@@ -143,7 +146,11 @@ def main() -> None:
         parser.error("give at least one --cohort or --real")
     scores = []
     for name in names:
-        model = load_feature_model(None if name == "bundled" else Path(name), modality="us")
+        if name in ("bundled", "bundled-flank"):
+            view = "flank" if name == "bundled-flank" else "sagittal"
+            model = load_feature_model(modality="us", view=view)
+        else:
+            model = load_feature_model(Path(name), modality="us")
         for cohort in cohorts:
             scores.append(score_cohort(model, cohort, threshold=args.threshold, name=name))
             s = scores[-1]

@@ -152,6 +152,12 @@ def test_segment_errors_are_one_line(
     )
     assert code == 2 and str(bad) in err and err.count("\n") == 1
     assert not (tmp_path / "m.nii.gz").exists()
+    for view, problem in (("flank", "a CT has one"), ("coronal", "must be one of sagittal")):
+        code, err = _run_main(
+            monkeypatch, capsys, *ct_args, "--out", str(tmp_path / "m.nii.gz"), "--view", view
+        )
+        assert code == 2 and "--view" in err and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "m.nii.gz").exists()
 
 
 def test_train_features_command(tmp_path: Path) -> None:

@@ -222,3 +222,35 @@ def test_settings_give_the_command_line() -> None:
         "kidneyreg demo --out 'my demo' --seed 3 --profile cpu --frames 20 --no-video --device cpu"
     )
     assert DemoSettings(adapt=False).methods == ("initial", "pretrained")
+    flank = DemoSettings(approach="flank", adapt=False)
+    assert flank.command() == (
+        "kidneyreg demo --out demo_output --seed 7 --profile cpu --approach flank --no-adapt"
+    )
+
+
+@pytest.mark.slow  # a second demo run (~10 s), without adaptation
+def test_a_flank_demo_registers_from_the_case_init(
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "flank_demo"
+    result = runner.invoke(app, _args(models, out, "--approach", "flank", "--no-adapt"))
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / MARKER_FILE).read_text(encoding="utf-8"))
+    assert document["approach"] == "flank" and "--approach flank" in document["command"]
+    transforms = read_transforms_json(
+        out / "registration" / "transforms.json", expected_frames=N_FRAMES
+    )
+    # Registered from the case's coarse flank pose, as `register --init case/init.json` does.
+    assert transforms.extras["initial_pose"].endswith("init.json")
+    init = read_transforms_json(out / "case" / "init.json")
+    truth = read_transforms_json(out / "case" / "ground_truth.json")
+    flank_normal = init.matrices[0, :3, 2]
+    assert abs(float(truth.matrices[0, :3, 2] @ flank_normal)) > 0.8  # a flank view, not sagittal
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "--init" in markdown and "flank view" in markdown
+    line = _error_line(_args(models, out, "--approach", "axial"), monkeypatch, capsys)
+    assert line == "error: --approach: must be one of sagittal, flank, got 'axial'"

@@ -667,6 +667,75 @@ def test_the_bundled_us_network_on_a_flank_view_warns(monkeypatch: pytest.Monkey
         registrar().prepare(frames, detect=False)
 
 
+def test_us_view_angles_name_the_nearest_trained_view() -> None:
+    from kidneyreg.simulate.probe import approach_rotation
+
+    sagittal = pipeline.us_view_angles(DEFAULT_POSE_ROTATION)
+    assert sagittal["sagittal"] == pytest.approx(0.0, abs=1e-6)
+    assert 55 < sagittal["flank"] < 70
+    for side in ("right", "left"):
+        flank = pipeline.us_view_angles(approach_rotation("flank", side))
+        assert flank["flank"] == pytest.approx(0.0, abs=1e-6)
+        assert flank["sagittal"] == pytest.approx(sagittal["flank"])
+    # An axial plane is far from both; a flipped normal is the same plane.
+    axial = pipeline.us_view_angles(np.eye(3))
+    assert min(axial.values()) > pipeline.US_NETWORK_MAX_VIEW_DEG
+    flipped = np.asarray(DEFAULT_POSE_ROTATION) @ np.diag([-1.0, 1.0, -1.0])
+    assert pipeline.us_view_angles(flipped)["sagittal"] == pytest.approx(0.0, abs=1e-6)
+    # The median over frames: one stray frame does not change the view.
+    frames = np.stack([approach_rotation("flank", "right")] * 4 + [np.eye(3)])
+    assert pipeline.us_view_angles(frames)["flank"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\(3, 3\) or \(n, 3, 3\)"):
+        pipeline.us_view_angles(np.eye(4))
+
+
+def test_a_flank_init_maps_the_sequence_with_the_flank_view_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a bundled flank-view U/S model for the profile, a flank ``init`` loads it (and does
+    not warn); a sagittal start, an axial ``init`` or a user's network do not."""
+    import warnings as warnings_module
+
+    import kidneyreg.features.infer as infer
+
+    flank = simulate_case_data(3, frames=5, profile="tiny", approach="flank", group="B")
+    frames = UltrasoundSequence(flank.frames.astype(np.float32), (flank.pixel_size,) * 2)
+    for view in ("sagittal", "flank"):
+        (tmp_path / infer.bundled_model_path("us", "tiny", view=view).name).write_bytes(b"")
+    monkeypatch.setattr(infer, "_MODELS_DIR", tmp_path)
+    loaded: list[tuple[str | None, str]] = []
+
+    def load(path: Any = None, *, view: str = "sagittal", **_: Any) -> Any:
+        loaded.append((None if path is None else str(path), view))
+        return dataclasses.make_dataclass("M", [("config", Any), ("source", str)])(
+            dataclasses.make_dataclass("C", [("window", int)])(5), f"{view}.pt"
+        )
+
+    monkeypatch.setattr(infer, "load_feature_model", load)
+    masks = flank.us_kidney_mask.astype(np.float32)
+    monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: masks)
+
+    def registrar(**options: Any) -> Registrar:
+        return Registrar(
+            flank.ct, tiny_net(), ct_mask=flank.ct_kidney_mask, device="cpu", **options
+        )
+
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error", pipeline.UntrainedViewWarning)
+        with_flank = registrar(init=flank.initial_pose)
+        assert with_flank.us_view()[0] == "flank" and with_flank.us_view()[1] < 30
+        with_flank.prepare(frames, detect=False)
+        registrar().prepare(frames, detect=False)
+        registrar(init=flank.initial_pose, us_features="mine.pt").prepare(frames, detect=False)
+    assert loaded == [(None, "flank"), (None, "sagittal"), ("mine.pt", "sagittal")]
+    # An axial start is far from both views: the nearer one maps it, with a warning.
+    axial = np.eye(4)
+    axial[:3, 3] = flank.initial_pose[:3, 3]
+    with pytest.warns(pipeline.UntrainedViewWarning, match="degrees from the flank views"):
+        registrar(init=axial).prepare(frames, detect=False)
+    assert loaded[-1] == (None, "flank")
+
+
 def test_persistent_region_keeps_one_structure_through_the_sequence() -> None:
     frames = np.zeros((6, 20, 30), bool)
     frames[:, 2:8, 2:8] = True  # the kidney: 36 pixels in every frame

@@ -313,6 +313,14 @@ def segment(
         str, typer.Option("--profile", help="Profile of the bundled model.")
     ] = "cpu",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    view: Annotated[
+        str,
+        typer.Option(
+            "--view",
+            help="U/S view of the bundled model: sagittal, or flank (coronal-oblique from the "
+            "flank).",
+        ),
+    ] = "sagittal",
 ) -> None:
     """Kidney mask (or probability map) of a CT or U/S input with the feature network."""
     from kidneyreg.features.infer import segment_file
@@ -328,6 +336,7 @@ def segment(
         model=model,
         profile=profile,
         device=device,
+        view=view,
     )
     share = 100.0 * result.kidney_voxels / max(1, result.total_voxels)
     typer.echo(f"wrote {result.path} (kidney: {result.kidney_voxels} voxels, {share:.1f} %)")
@@ -564,7 +573,11 @@ _CtFeaturesOption = Annotated[
 ]
 _UsFeaturesOption = Annotated[
     Path | None,
-    typer.Option("--us-features", help="U/S feature-net checkpoint (default: bundled)."),
+    typer.Option(
+        "--us-features",
+        help="U/S feature-net checkpoint (default: the bundled one for the view, sagittal or "
+        "flank, nearest to the --init plane).",
+    ),
 ]
 _DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 _ModelProfileOption = Annotated[
@@ -844,6 +857,14 @@ def demo(
     ] = None,
     ct_features: _CtFeaturesOption = None,
     us_features: _UsFeaturesOption = None,
+    approach: Annotated[
+        str,
+        typer.Option(
+            "--approach",
+            help="sagittal (default), or flank: the patient scanned from the flank and "
+            "registered from its init.json.",
+        ),
+    ] = "sagittal",
     no_adapt: Annotated[
         bool, typer.Option("--no-adapt", help="Skip the transfer learning on the first cycle.")
     ] = False,
@@ -865,6 +886,7 @@ def demo(
         model=model,
         ct_features=ct_features,
         us_features=us_features,
+        approach=approach,
         adapt=not no_adapt,
         video=video,
         device=device,

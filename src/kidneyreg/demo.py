@@ -56,7 +56,7 @@ from kidneyreg.evaluation.metrics import summarise
 from kidneyreg.features.infer import FeatureModel, bundled_model_path, load_feature_model
 from kidneyreg.io.atomic import atomic_write_text, replace_folder
 from kidneyreg.io.image import read_ct
-from kidneyreg.io.transforms import TransformSequence
+from kidneyreg.io.transforms import TransformSequence, read_transforms_json
 from kidneyreg.io.us import read_us_sequence
 from kidneyreg.pipeline import Registrar, load_registration_model
 from kidneyreg.report import Table, write_report
@@ -67,6 +67,7 @@ from kidneyreg.results import (
     write_registration_outputs,
 )
 from kidneyreg.simulate.case import SimulatedCase, simulate_case_data, write_case
+from kidneyreg.simulate.probe import APPROACHES
 from kidneyreg.visualize import figure_error_vs_breathing, figure_planes_coronal, figure_stacks
 
 __all__ = [
@@ -124,7 +125,10 @@ class DemoSettings:
         frames: Number of U/S frames; None: the simulator's default (two breathing cycles).
         model: Registration checkpoint; None: the bundled model of ``profile``.
         ct_features: CT feature-network checkpoint; None: the bundled one.
-        us_features: U/S feature-network checkpoint; None: the bundled one.
+        us_features: U/S feature-network checkpoint; None: the bundled one for the view.
+        approach: Probe approach of the simulated patient: ``"sagittal"`` (the paper's), or
+            ``"flank"`` (registered from the case's ``init.json`` with ``--init``, and its U/S
+            maps made by the bundled flank-view network).
         adapt: Adapt on the first breathing cycle (False: ``--no-adapt``).
         video: Write the overlay video of the registration.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -141,6 +145,7 @@ class DemoSettings:
     model: Path | None = None
     ct_features: Path | None = None
     us_features: Path | None = None
+    approach: str = "sagittal"
     adapt: bool = True
     video: bool = True
     device: str = "auto"
@@ -151,6 +156,8 @@ class DemoSettings:
         parts += ["--profile", self.profile]
         if self.frames is not None:
             parts += ["--frames", str(self.frames)]
+        if self.approach != "sagittal":
+            parts += ["--approach", self.approach]
         for option, path in (
             ("--model", self.model),
             ("--ct-features", self.ct_features),
@@ -223,6 +230,10 @@ def _check_settings(settings: DemoSettings) -> Path:
         raise InputError("--seed", f"must be >= 0, got {settings.seed}")
     if settings.frames is not None and settings.frames < 1:
         raise InputError("--frames", f"must be at least 1, got {settings.frames}")
+    if settings.approach not in APPROACHES:
+        raise InputError(
+            "--approach", f"must be one of {', '.join(APPROACHES)}, got {settings.approach!r}"
+        )
     for option, path in (
         ("--model", settings.model),
         ("--ct-features", settings.ct_features),
@@ -248,16 +259,19 @@ def _check_settings(settings: DemoSettings) -> Path:
     return out
 
 
-def _feature_model(path: Path | None, modality: str, profile: str, device: str) -> FeatureModel:
+def _feature_model(
+    path: Path | None, modality: str, profile: str, device: str, view: str = "sagittal"
+) -> FeatureModel:
     option = f"--{modality}-features"
-    if path is None and not bundled_model_path(modality, profile).is_file():
+    if path is None and not bundled_model_path(modality, profile, view=view).is_file():
+        which = "" if view == "sagittal" else f" {view}-view"
         raise InputError(
             option,
-            f"no bundled {modality.upper()} feature model for profile {profile!r}: train one "
-            f"with `kidneyreg train-features --modality {modality} --data DIR --out "
+            f"no bundled{which} {modality.upper()} feature model for profile {profile!r}: train "
+            f"one with `kidneyreg train-features --modality {modality} --data DIR --out "
             f"{modality}.pt --profile {profile}` and pass it with {option}",
         )
-    return load_feature_model(path, modality=modality, profile=profile, device=device)
+    return load_feature_model(path, modality=modality, profile=profile, device=device, view=view)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +466,8 @@ def _run_table(
         ["profile", f"{settings.profile} ({info.get('pixel_size_mm', 0):.2f} mm U/S pixels)"],
         [
             "patient",
-            f"{info.get('kidney')} kidney, group {info.get('group')} probe offset "
+            f"{info.get('kidney')} kidney, {settings.approach} view, group "
+            f"{info.get('group')} probe offset "
             f"({offset.get('rotation_norm_deg', float('nan')):.1f} deg, "
             f"{offset.get('translation_norm_mm', float('nan')):.1f} mm)",
         ],
@@ -511,12 +526,20 @@ def _sections(
         )
         if path is not None
     )
+    flank = settings.approach == "flank"
+    scanned = " from the flank" if flank else ""
+    start = (
+        " from the coarse flank pose `case/init.json` (`--init`)"
+        if flank
+        else " from the default sagittal view"
+    )
     lines = [
-        f"1. Simulated one patient (seed {settings.seed}, profile `{settings.profile}`) and wrote "
-        "its case folder `case/`: CT, kidney masks, U/S sequence and the true pose of every frame.",
+        f"1. Simulated one patient (seed {settings.seed}, profile `{settings.profile}`) scanned"
+        f"{scanned} and wrote its case folder `case/`: CT, kidney masks, U/S sequence and the "
+        "true pose of every frame.",
         "2. Registered the U/S sequence to the CT from those files, as `kidneyreg register` does: "
         "kidney feature maps from the feature networks (no ground-truth masks), initial alignment "
-        "by kidney centroids, then the registration network on windows of "
+        f"by kidney centroids{start}, then the registration network on windows of "
         f"{window} consecutive frames (each frame's pose from the window it is the middle of).",
     ]
     if record is not None:
@@ -535,8 +558,8 @@ def _sections(
     text = "\n".join(lines)
     rerun = (
         "Register and evaluate the simulated case yourself:\n\n```bash\n"
-        f"kidneyreg register --ct {case}/ct.nii.gz --us {case}/us.nii.gz{models} "
-        "--out my_registration\n"
+        f"kidneyreg register --ct {case}/ct.nii.gz --us {case}/us.nii.gz{models}"
+        f"{f' --init {case}/init.json' if flank else ''} --out my_registration\n"
         f"kidneyreg evaluate --case {case} --pred my_registration/transforms.json\n```\n\n"
         "Files: `registration/transforms.json` (one 4x4 pose per frame, U/S image mm to CT "
         "world mm), `registration/ct_planes.nii.gz` (the CT resliced on every frame), "
@@ -600,7 +623,10 @@ def run_demo(
     # Models first: a missing or bad model is reported before minutes of work.
     reg_model = load_registration_model(settings.model, profile=settings.profile)
     ct_model = _feature_model(settings.ct_features, "ct", settings.profile, settings.device)
-    us_model = _feature_model(settings.us_features, "us", settings.profile, settings.device)
+    # The view register would choose from the case's init.json (Registrar.us_view).
+    us_model = _feature_model(
+        settings.us_features, "us", settings.profile, settings.device, view=settings.approach
+    )
     window = int(reg_model.profile.window)
     if settings.frames is not None and settings.frames < window:
         raise InputError(
@@ -620,7 +646,12 @@ def run_demo(
     try:
         mark = time.perf_counter()
         say(f"simulating the patient (seed {settings.seed}, profile {settings.profile})")
-        case = simulate_case_data(settings.seed, frames=settings.frames, profile=settings.profile)
+        case = simulate_case_data(
+            settings.seed,
+            frames=settings.frames,
+            profile=settings.profile,
+            approach=settings.approach,
+        )
         case_dir = write_case(case, staging / "case")
         timings["simulate_s"] = time.perf_counter() - mark
 
@@ -628,6 +659,12 @@ def run_demo(
         ct_path, us_path = case_dir / "ct.nii.gz", case_dir / CASE_FILES["us"]
         ct_image = read_ct(ct_path)
         sequence = read_us_sequence(us_path, min_frames=window)
+        # A flank scan starts from its coarse pose (`register --init case/init.json`); a
+        # sagittal one from the default sagittal pose.
+        init = None
+        if settings.approach != "sagittal":
+            init = read_transforms_json(case_dir / "init.json")
+            init = init.broadcast_to(sequence.n_frames)
         registrar = Registrar(
             ct_image,
             reg_model,
@@ -635,6 +672,7 @@ def run_demo(
             us_features=us_model,
             device=settings.device,
             kidney=str(case.info["kidney"]),
+            init=init,
             ct_source=str(ct_path),
             log=say,
         )
@@ -732,6 +770,7 @@ def run_demo(
                 key: case.info.get(key)
                 for key in ("seed", "group", "kidney", "n_frames", "frame_rate", "pixel_size_mm")
             },
+            "approach": settings.approach,
             "cycle_starts": list(result.cycle_starts),
             "adaptation": None if record is None else record.to_dict(),
             "evaluated_frames": list(frames),

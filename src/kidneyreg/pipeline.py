@@ -129,18 +129,60 @@ __all__ = [
     "largest_region_per_frame",
     "load_registration_model",
     "persistent_region",
+    "us_view_angles",
 ]
 
 #: Probability at or above which a feature-map voxel (pixel) counts as kidney.
 FEATURE_THRESHOLD = 0.5
-#: Angle (degrees) between an ``init`` plane and the default sagittal plane beyond which the
-#: bundled U/S feature network, trained on sagittal views (offsets up to about 30 degrees),
-#: is not trusted: flank views are about 60 degrees off.
+#: Angle (degrees) between an ``init`` plane and the nominal view a bundled U/S feature network
+#: was trained on (:data:`~kidneyreg.features.infer.US_VIEWS`) beyond which its maps are not
+#: trusted: the networks saw offsets from their view up to about 30 degrees (group B, 2 sigma),
+#: and the sagittal and flank views are about 60 degrees apart.
 US_NETWORK_MAX_VIEW_DEG = 40.0
 
 
 class UntrainedViewWarning(UserWarning):
-    """The U/S kidney maps come from the bundled network, on a view it was not trained on."""
+    """The U/S kidney maps come from a bundled network, on a view it was not trained on."""
+
+
+def us_view_angles(rotations: ArrayLike) -> dict[str, float]:
+    """Angle (degrees) between the planes of ``rotations`` and each view of the bundled U/S models.
+
+    A plane's angle to a view is the angle between their normals (the rotations' third
+    columns, sign ignored), the median over the given rotations; a flank view is the nearer of
+    the right and the left kidney's (:func:`kidneyreg.simulate.probe.approach_rotation`).
+
+    Args:
+        rotations: One 3x3 rotation (U/S image axes -> LPS, columns u, v, normal) or
+            ``(n, 3, 3)``.
+
+    Returns:
+        ``{view: degrees}`` for every view in :data:`~kidneyreg.features.infer.US_VIEWS`.
+
+    Raises:
+        ValueError: Not (3, 3) or (n, 3, 3).
+
+    Example:
+        >>> angles = us_view_angles(DEFAULT_POSE_ROTATION)
+        >>> round(angles["sagittal"], 6), angles["flank"] > 40
+        (0.0, True)
+    """
+    from kidneyreg.features.infer import US_VIEWS
+    from kidneyreg.simulate.probe import approach_rotation
+
+    matrices = np.asarray(rotations, dtype=np.float64)
+    if matrices.shape == (3, 3):
+        matrices = matrices[None]
+    if matrices.ndim != 3 or matrices.shape[1:] != (3, 3):
+        raise ValueError(f"rotations must be (3, 3) or (n, 3, 3), got shape {matrices.shape}")
+    normals = matrices[:, :, 2]
+    angles = {}
+    for view in US_VIEWS:
+        # The views are the simulator's approaches; the network saw both kidneys' views.
+        view_normals = [approach_rotation(view, side)[:, 2] for side in ("right", "left")]
+        cosines = np.max([np.abs(normals @ normal) for normal in view_normals], axis=0)
+        angles[view] = float(np.degrees(np.arccos(np.clip(np.median(cosines), 0.0, 1.0))))
+    return angles
 
 
 #: Values of the ``kidney`` option.
@@ -968,7 +1010,11 @@ class Registrar:
         return load_registration_model(model, profile=name, device="cpu")
 
     def _feature_model(
-        self, model: FeatureModel | str | Path | None, modality: str, structure: str = "kidney"
+        self,
+        model: FeatureModel | str | Path | None,
+        modality: str,
+        structure: str = "kidney",
+        view: str = "sagittal",
     ) -> FeatureModel:
         from kidneyreg.features.infer import FeatureModel, bundled_model_path, load_feature_model
 
@@ -983,7 +1029,7 @@ class Registrar:
         mask_option = f"--{modality}-{kind}mask"
         if (
             model is None
-            and not bundled_model_path(modality, self.profile.name, structure).is_file()
+            and not bundled_model_path(modality, self.profile.name, structure, view).is_file()
         ):
             raise InputError(
                 option,
@@ -998,6 +1044,7 @@ class Registrar:
             profile=self.profile.name,
             device=self.device,
             structure=structure,
+            view=view,
         )
 
     def _probe_position(self) -> NDArray[np.float64] | None:
@@ -1166,31 +1213,55 @@ class Registrar:
             return None
         return sinus
 
+    def us_view(self) -> tuple[str, float]:
+        """The bundled U/S model that maps this registrar's sequences, and how far off its view.
+
+        The view (:data:`~kidneyreg.features.infer.US_VIEWS`) nearest to the ``init`` planes
+        among those with a bundled model for the profile (the sagittal one without ``init``),
+        and the angle (degrees) between the planes and that view (:func:`us_view_angles`).
+        Unused when a U/S network (``us_features``) or masks are given.
+        """
+        from kidneyreg.features.infer import bundled_model_path
+
+        if self.init is None:
+            return "sagittal", 0.0
+        angles = us_view_angles(self._init_rotations())
+        bundled = [
+            view
+            for view in angles
+            if view == "sagittal"
+            or bundled_model_path("us", self.profile.name, view=view).is_file()
+        ]
+        view = min(bundled, key=angles.__getitem__)
+        return view, angles[view]
+
     def _warn_untrained_view(self, sequence: UltrasoundSequence) -> str | None:
-        """Warn (and return the message) when the bundled U/S network is to map a view far
-        from the sagittal ones."""
+        """Warn (and return the message) when a bundled U/S network is to map a view far from
+        the one it was trained on."""
         if self.init is None or self._us_features_arg is not None:
             return None
-        default_normal = np.asarray(DEFAULT_POSE_ROTATION, dtype=np.float64)[:, 2]
-        normals = self._init_rotations()[:, :, 2]
-        cosines = np.clip(np.abs(normals @ default_normal), 0.0, 1.0)
-        angle = float(np.degrees(np.arccos(np.median(cosines))))
+        view, angle = self.us_view()
         if angle <= US_NETWORK_MAX_VIEW_DEG:
             return None
         # Measured on 8 simulated flank cases (README, Flank approach): TRE 16 and 29 mm after
-        # adaptation with the bundled U/S network, 2 and 5 mm with U/S masks.
+        # adaptation with the sagittal U/S network, 2 and 5 mm with U/S masks.
         message = (
-            f"{sequence.source}: the --init plane is {angle:.0f} degrees from the sagittal "
-            "views the bundled U/S feature network was trained on; its kidney maps of such "
-            "views (flank) are unreliable: give --us-mask"
+            f"{sequence.source}: the --init plane is {angle:.0f} degrees from the {view} views "
+            "the nearest bundled U/S feature network was trained on; its kidney maps of such "
+            "views are unreliable: give --us-mask"
         )
         warnings.warn(message, UntrainedViewWarning, stacklevel=3)
         return message
 
     def _us_model_loaded(self) -> FeatureModel:
         if self._us_model is None:
-            self._log("U/S kidney feature maps (feature network)")
-            self._us_model = self._feature_model(self._us_features_arg, "us")
+            if self._us_features_arg is not None:
+                view, which = "sagittal", "feature network"  # the view is unused
+            else:
+                view = self.us_view()[0]
+                which = f"bundled feature network for {view} views"
+            self._log(f"U/S kidney feature maps ({which})")
+            self._us_model = self._feature_model(self._us_features_arg, "us", view=view)
         return self._us_model
 
     def prepare(
@@ -1836,6 +1907,11 @@ class Registrar:
         extras: dict[str, Any] = {
             "kidney": self.kidney.to_dict(),
             "feature_source": {"ct": self.feature_source_ct, "us": prepared.feature_source},
+            "us_feature_model": (
+                self._us_model.source
+                if prepared.feature_source == "network" and self._us_model is not None
+                else None
+            ),
             "initial_pose": "default sagittal" if self.init is None else self.init.source,
             "batch_size": self.batch_size,
             "refinements": self.refinements,

@@ -107,6 +107,17 @@ def test_model_loading_errors(tmp_path: Path, tiny_model: Callable[[str], Path])
     assert bundled_model_path("us", "cpu").name == "features_us_cpu.pt"
     with pytest.raises(InputError, match="does not exist"):
         load_feature_model(tmp_path / "none.pt", modality="ct")
+    with pytest.raises(InputError, match="no bundled flank-view US"):
+        load_feature_model(modality="us", profile="tiny", view="flank")
+
+
+def test_bundled_models_per_view() -> None:
+    assert bundled_model_path("us", "cpu", view="flank").name == "features_us_flank_cpu.pt"
+    assert bundled_model_path("us", "cpu", view="sagittal") == bundled_model_path("us", "cpu")
+    with pytest.raises(ValueError, match="view must be one of sagittal, flank"):
+        bundled_model_path("us", "cpu", view="coronal")
+    with pytest.raises(ValueError, match="only U/S models"):
+        bundled_model_path("ct", "cpu", view="flank")
 
 
 def test_inference_window_comes_from_the_checkpoint(

@@ -47,6 +47,7 @@ from kidneyreg.preprocess import normalize_ct, resample_us_frames, window_indice
 __all__ = [
     "KIDNEY_COMPONENTS",
     "KIDNEY_MIN_FRACTION",
+    "US_VIEWS",
     "FeatureModel",
     "SegmentResult",
     "bundled_model_path",
@@ -74,18 +75,42 @@ _FRAMES_PER_BATCH = 4
 KIDNEY_COMPONENTS = 2
 KIDNEY_MIN_FRACTION = 0.25
 
+#: Views a bundled U/S kidney model is made for: ``"sagittal"`` (the default, the paper's
+#: anterior sagittal view) and ``"flank"`` (a coronal-oblique view from the posterolateral flank,
+#: :func:`kidneyreg.simulate.probe.approach_rotation`), whose B-mode differs (the kidney near the
+#: probe, its hilum and renal pelvis in view).
+US_VIEWS: tuple[str, ...] = ("sagittal", "flank")
 
-def bundled_model_path(modality: str, profile: str = "cpu", structure: str = "kidney") -> Path:
+
+def bundled_model_path(
+    modality: str, profile: str = "cpu", structure: str = "kidney", view: str = "sagittal"
+) -> Path:
     """Where the package keeps its bundled ``modality`` model for ``profile`` (may not exist).
+
+    Args:
+        modality: ``"ct"`` or ``"us"``.
+        profile: Resolution profile name.
+        structure: ``"kidney"`` or ``"sinus"``.
+        view: One of :data:`US_VIEWS`; views other than ``"sagittal"`` exist for U/S only.
+
+    Raises:
+        ValueError: An unknown view, or a view for the CT.
 
     Example:
         >>> bundled_model_path("ct", "cpu").name
         'features_ct_cpu.pt'
         >>> bundled_model_path("us", "cpu", "sinus").name
         'features_us_sinus_cpu.pt'
+        >>> bundled_model_path("us", "cpu", view="flank").name
+        'features_us_flank_cpu.pt'
     """
+    if view not in US_VIEWS:
+        raise ValueError(f"view must be one of {', '.join(US_VIEWS)}, got {view!r}")
+    if view != "sagittal" and modality != "us":
+        raise ValueError(f"only U/S models are made per view, not {modality!r} ones")
     kind = "" if structure == "kidney" else f"_{structure}"
-    return _MODELS_DIR / f"features_{modality}{kind}_{profile}.pt"
+    seen = "" if view == "sagittal" else f"_{view}"
+    return _MODELS_DIR / f"features_{modality}{kind}{seen}_{profile}.pt"
 
 
 @dataclass(eq=False)
@@ -141,6 +166,7 @@ def load_feature_model(
     profile: str = "cpu",
     device: str | torch.device = "cpu",
     structure: str | None = None,
+    view: str = "sagittal",
 ) -> FeatureModel:
     """Load a feature network from a checkpoint, or the bundled one of ``modality`` / ``profile``.
 
@@ -155,6 +181,7 @@ def load_feature_model(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         structure: Required structure (``"kidney"``/``"sinus"``); a network segmenting another
             one is refused. None: any (the bundled kidney model when ``path`` is None).
+        view: The view of the bundled U/S model (:data:`US_VIEWS`; ignored with ``path``).
 
     Raises:
         InputError: Missing, unreadable or foreign checkpoint, a checkpoint of the other
@@ -170,12 +197,13 @@ def load_feature_model(
     if path is None:
         if modality is None:
             raise ValueError("load_feature_model needs a path or a modality")
-        path = bundled_model_path(modality, profile, structure or "kidney")
+        path = bundled_model_path(modality, profile, structure or "kidney", view)
         if not path.is_file():
+            which = "" if view == "sagittal" else f" {view}-view"
             raise InputError(
                 "--model",
-                f"no bundled {modality.upper()} feature model for profile {profile!r}: train one "
-                "with `kidneyreg train-features` and pass it with --model",
+                f"no bundled{which} {modality.upper()} feature model for profile {profile!r}: "
+                "train one with `kidneyreg train-features` and pass it with --model",
             )
     payload = load_checkpoint(path, kind=CHECKPOINT_KIND)
     net = network_from_payload(payload, path)
@@ -463,6 +491,7 @@ def segment_file(
     profile: str = "cpu",
     device: str | torch.device = "cpu",
     threshold: float = 0.5,
+    view: str = "sagittal",
 ) -> SegmentResult:
     """Segment the kidney in a CT volume, a U/S sequence or a U/S image and write the result.
 
@@ -478,12 +507,15 @@ def segment_file(
         profile: Profile of the bundled model.
         device: Torch device.
         threshold: Probability at or above which a voxel is kidney.
+        view: The view of the bundled U/S model (:data:`US_VIEWS`): ``"flank"`` for
+            coronal-oblique views from the flank.
 
     Returns:
         The output path and the kidney size.
 
     Raises:
-        InputError: Bad input, output type or model; ``--spacing`` with a CT.
+        InputError: Bad input, output type or model; ``--spacing`` or ``--view`` with a CT, an
+            unknown view.
 
     Example:
         >>> segment_file("us", "frame.png", "mask.png", spacing=0.3)  # doctest: +SKIP
@@ -499,6 +531,10 @@ def segment_file(
         )
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if view not in US_VIEWS:
+        raise InputError("--view", f"must be one of {', '.join(US_VIEWS)}, got {view!r}")
+    if modality == "ct" and view != "sagittal":
+        raise InputError("--view", "chooses among the bundled U/S models; a CT has one")
     if modality == "ct":
         ct = read_ct(source)
         feature_model = load_feature_model(model, modality="ct", profile=profile, device=device)
@@ -517,7 +553,9 @@ def segment_file(
     except InputError as error:
         # The reader names register's option; this command's option is --spacing.
         raise InputError(error.source, error.problem.replace("--us-spacing", "--spacing")) from None
-    feature_model = load_feature_model(model, modality="us", profile=profile, device=device)
+    feature_model = load_feature_model(
+        model, modality="us", profile=profile, device=device, view=view
+    )
     probs = predict_us(feature_model, sequence)
     kidney = int(np.count_nonzero(probs >= threshold))
     if kind == "png":
