@@ -75,6 +75,15 @@ def median_centroid_error(
     return float(np.median(errors)) if errors.size else float("nan")
 
 
+def named_model(name: str) -> FeatureModel:
+    """The U/S model a ``--model`` value names: ``bundled`` (sagittal views), ``bundled-flank``,
+    or a checkpoint path."""
+    if name in ("bundled", "bundled-flank"):
+        view = "flank" if name == "bundled-flank" else "sagittal"
+        return load_feature_model(modality="us", view=view)
+    return load_feature_model(Path(name), modality="us")
+
+
 def score_cohort(
     model: FeatureModel, cohort: Path, *, threshold: float = 0.5, name: str = ""
 ) -> MapScores:
@@ -146,11 +155,7 @@ def main() -> None:
         parser.error("give at least one --cohort or --real")
     scores = []
     for name in names:
-        if name in ("bundled", "bundled-flank"):
-            view = "flank" if name == "bundled-flank" else "sagittal"
-            model = load_feature_model(modality="us", view=view)
-        else:
-            model = load_feature_model(Path(name), modality="us")
+        model = named_model(name)
         for cohort in cohorts:
             scores.append(score_cohort(model, cohort, threshold=args.threshold, name=name))
             s = scores[-1]

@@ -204,6 +204,8 @@ def test_pipeline_maps_of_the_bundled_us_model_are_scored(tiny_case: Path) -> No
 
     us_maps = _load("eval_us_maps")
     model = load_feature_model(modality="us")
+    assert us_maps.named_model("bundled").source == model.source
+    assert us_maps.named_model("bundled-flank").source.endswith("features_us_flank_cpu.pt")
     row = us_maps.score_cohort(model, tiny_case, name="bundled")
     assert row.cases == 1 and row.model == "bundled"
     assert 0.0 <= row.raw <= 1.0 and 0.0 <= row.cleaned <= 1.0
