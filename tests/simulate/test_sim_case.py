@@ -300,6 +300,8 @@ def test_real_ct_too_small_for_the_probe(real_ct_dir: Path, tmp_path: Path) -> N
 # ----------------------------------------------------------------------------------------------
 
 # Recorded from the simulator before the approach option existed: seed 5, group A, tiny, 3 frames.
+# The frames' sum again with simulator 1.1 (the collecting system's distension varies; the probe
+# and the kidney mask did not move).
 _SEED5_PROBE = np.array(
     [
         [
@@ -322,7 +324,7 @@ _SEED5_PROBE = np.array(
         ],
     ]
 )
-_SEED5_FRAMES_SUM = 932990
+_SEED5_FRAMES_SUM = 935081
 _SEED5_MASK_SUM = 936
 
 

@@ -212,8 +212,9 @@ class KidneyParameters:
         lateral_parenchyma_mm: Parenchyma thickness at the lateral border (across the width).
         n_pyramids: Number of medullary pyramids.
         pyramid_half_angle_deg: Cone half angle of the pyramids.
-        pelvis_mm: Radius of the renal pelvis.
-        calyx_mm: Radius of the calyces.
+        pelvis_mm: Radius of the renal pelvis (its antero-posterior radius is 0.8 times this):
+            1.5 mm collapsed to 9 mm distended.
+        calyx_mm: Radius of the calyces (1 to 3.2 mm, wider with a distended pelvis).
         perirenal_mm: Thickness of the perirenal fat.
         noise_seed: Seed of the kidney's shape noise and pyramid jitter.
     """
@@ -414,8 +415,12 @@ def sample_anatomy_parameters(rng: np.random.Generator) -> AnatomyParameters:
             lateral_parenchyma_mm=u(15.0, 20.0),
             n_pyramids=int(rng.integers(8, 13)),
             pyramid_half_angle_deg=u(36.0, 46.0),
-            pelvis_mm=u(5.0, 9.0),
-            calyx_mm=u(2.0, 3.2),
+            # Most adult collecting systems are collapsed (a thin line in the central echo
+            # complex on U/S, hardly seen on unenhanced CT); a fifth are distended past 10 mm
+            # antero-posterior (full hydration, an extrarenal pelvis). The square skews the
+            # distension towards collapsed; one draw each, as before, so no other parameter moves.
+            pelvis_mm=1.5 + 7.5 * (distension := u(0.0, 1.0) ** 2),
+            calyx_mm=u(2.0, 3.2) * (0.5 + 0.5 * distension),
             perirenal_mm=u(7.0, 20.0),
             noise_seed=int(rng.integers(0, 2**31 - 1)),
         )

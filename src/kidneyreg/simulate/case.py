@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 #: Version of the simulator's output; bump when the same seed would give different images.
-SIMULATOR_VERSION = "1.0"
+SIMULATOR_VERSION = "1.1"
 
 GROUPS = ("A", "B", "mixed")
 KIDNEYS = ("right", "left")
