@@ -295,3 +295,16 @@ def test_the_plane_search_row_of_the_pretrained_model(tiny_case: Path) -> None:
     # Scored on the same frames as the model without the search.
     assert row["pretrained_sinus"]["tre"] >= 0 and row["pretrained"]["tre"] >= 0
     assert heldout._is_method(row["pretrained_sinus"])
+
+
+def test_map_bias_reads_a_dilated_disc_as_its_boundary_offset() -> None:
+    bias = _load("eval_map_bias")
+    yy, xx = np.mgrid[:80, :80]
+    radius = np.hypot(yy - 40, xx - 40)
+    truth, larger = radius < 20, radius < 22
+    offset = float(larger.sum() - truth.sum()) / bias.boundary_length(truth, 1.0)
+    assert offset == pytest.approx(2.0, abs=0.5)  # pixel-counted outline: within a quarter
+    assert bias.boundary_length(truth, 0.5) == pytest.approx(0.5 * bias.boundary_length(truth, 1.0))
+    precision, recall = bias.precision_recall(larger, truth)
+    assert recall == 1.0 and precision == pytest.approx(truth.sum() / larger.sum())
+    assert bias.precision_recall(truth, larger)[::-1] == (precision, recall)
