@@ -308,3 +308,27 @@ def test_map_bias_reads_a_dilated_disc_as_its_boundary_offset() -> None:
     precision, recall = bias.precision_recall(larger, truth)
     assert recall == 1.0 and precision == pytest.approx(truth.sum() / larger.sum())
     assert bias.precision_recall(truth, larger)[::-1] == (precision, recall)
+
+
+def test_tissue_gain_stress_reshades_each_tissue_reproducibly(tmp_path: Path) -> None:
+    from kidneyreg.io.us import UltrasoundSequence
+
+    us_maps = _load("eval_us_maps")
+    frames = np.full((3, 12, 16), 100.0, np.float32)
+    sequence = UltrasoundSequence(frames, (0.5, 0.5))
+    assert us_maps.shaded_sequences(sequence, None, 0.0, 3) == [sequence]
+    with pytest.raises(ValueError, match="us_labels"):
+        us_maps.shaded_sequences(sequence, None, 1.0, 3)
+    labels = np.full((3, 12, 16), 5, np.uint8)  # liver
+    labels[:, :, 8:] = 9  # renal cortex
+    path = tmp_path / "us_labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(path))
+    shaded = us_maps.shaded_sequences(sequence, path, 1.0, 3)
+    again = us_maps.shaded_sequences(sequence, path, 1.0, 3)
+    assert len(shaded) == 3
+    for one, other in zip(shaded, again, strict=True):
+        np.testing.assert_array_equal(one.frames, other.frames)  # fixed seeds
+        left, right = one.frames[:, :, 2].mean(), one.frames[:, :, -2].mean()
+        assert left != pytest.approx(100.0) or right != pytest.approx(100.0)
+        assert left != pytest.approx(right)  # each tissue its own gain
+    assert not np.array_equal(shaded[0].frames, shaded[1].frames)
