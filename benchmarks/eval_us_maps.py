@@ -17,11 +17,13 @@ re-shaded as another machine or patient might show it: each tissue's brightness 
 log-normal gain (:class:`~kidneyreg.features.augment.RandomTissueGain` at that scale, always
 applied; 1: log-std 0.3 per tissue and 0.25 for the whole kidney), from the case's
 ``us_labels.nii.gz``, ``--gain-draws`` times with fixed seeds; the scores are means over the draws
-(the stress test of docs/models.md). With ``--real COHORT`` (a cohort rendered from a real CT)
-and two or more models, the first model is the bundled baseline and every other one is checked
-against the rule U/S models are bundled by (docs/models.md): the cleaned Dice on the real-CT
-cohort gains at least ``--min-real-gain`` (0.05) and no other cohort's cleaned Dice drops by
-more than ``--max-sim-loss`` (0.01).
+(the stress test of docs/models.md).
+
+With ``--real COHORT`` (a cohort rendered from a real CT; repeated, several are pooled over their
+cases) and two or more models, the first model is the bundled baseline and every other one is
+checked against the rule U/S models are bundled by (docs/models.md): the cleaned Dice on the
+real-CT cohorts gains at least ``--min-real-gain`` (0.05) and no other cohort's cleaned Dice
+drops by more than ``--max-sim-loss`` (0.01).
 
 Usage::
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,18 +155,31 @@ def bundling_verdict(
     scores: list[MapScores],
     baseline: str,
     candidate: str,
-    real: str,
+    real: str | Sequence[str],
     *,
     min_real_gain: float = 0.05,
     max_sim_loss: float = 0.01,
 ) -> tuple[bool, str]:
-    """Whether ``candidate`` may replace ``baseline`` (cleaned Dice), and why, in one line."""
+    """Whether ``candidate`` may replace ``baseline`` (cleaned Dice), and why, in one line.
+
+    ``real`` names one real-CT cohort or several; several are pooled (mean over their cases), as
+    one rendering alone is a noisy judge (docs/models.md).
+    """
     by = {(s.model, s.cohort): s for s in scores}
     cohorts = list(dict.fromkeys(s.cohort for s in scores))
-    if real not in cohorts:
-        raise ValueError(f"no scores on the real-CT cohort {real}")
-    gain = by[candidate, real].cleaned - by[baseline, real].cleaned
-    losses = {c: by[baseline, c].cleaned - by[candidate, c].cleaned for c in cohorts if c != real}
+    reals = [real] if isinstance(real, str) else list(real)
+    for cohort in reals:
+        if cohort not in cohorts:
+            raise ValueError(f"no scores on the real-CT cohort {cohort}")
+
+    def pooled(model: str) -> float:
+        rows = [by[model, c] for c in reals]
+        return sum(r.cleaned * r.cases for r in rows) / sum(r.cases for r in rows)
+
+    gain = pooled(candidate) - pooled(baseline)
+    losses = {
+        c: by[baseline, c].cleaned - by[candidate, c].cleaned for c in cohorts if c not in reals
+    }
     worst = max(losses.values(), default=0.0)
     ok = gain >= min_real_gain and worst <= max_sim_loss
     return ok, (
@@ -183,7 +199,13 @@ def main() -> None:
         help="U/S checkpoint, 'bundled' or 'bundled-flank' (the flank-view model) (repeat).",
     )
     parser.add_argument("--cohort", type=Path, action="append", default=[], help="Repeatable.")
-    parser.add_argument("--real", type=Path, default=None, help="Cohort rendered from a real CT.")
+    parser.add_argument(
+        "--real",
+        type=Path,
+        action="append",
+        default=[],
+        help="Cohort rendered from a real CT (repeatable: pooled over their cases).",
+    )
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument(
         "--tissue-gain",
@@ -197,7 +219,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="Also write the scores here.")
     args = parser.parse_args()
     names = args.model or ["bundled"]
-    cohorts = list(args.cohort) + ([args.real] if args.real is not None else [])
+    cohorts = list(args.cohort) + list(args.real)
     if not cohorts:
         parser.error("give at least one --cohort or --real")
     scores = []
@@ -224,14 +246,14 @@ def main() -> None:
             f"| {s.centroid_mm:.1f} |"
         )
     verdicts = []
-    if args.real is not None and len(names) > 1:
+    if args.real and len(names) > 1:
         print()
         for candidate in names[1:]:
             ok, line = bundling_verdict(
                 scores,
                 names[0],
                 candidate,
-                str(args.real),
+                [str(cohort) for cohort in args.real],
                 min_real_gain=args.min_real_gain,
                 max_sim_loss=args.max_sim_loss,
             )

@@ -197,6 +197,16 @@ def test_bundling_verdict_applies_both_halves_of_the_rule() -> None:
     assert not ok  # a simulated cohort loses 0.02 > 0.01
     with pytest.raises(ValueError, match="real-CT cohort"):
         us_maps.bundling_verdict(base, "base", "base", "elsewhere")
+    # Several real-CT cohorts are pooled over their cases: a loss of 0.09 on one rendering
+    # against +0.07 on three others is a gain of 0.03 on the four.
+    pooled = [*base, us_maps.MapScores("base", "real3", 3, 0.70, 0.70, 5.0)]
+    pooled += [*scores(0.61, 0.94, "new"), us_maps.MapScores("new", "real3", 3, 0.77, 0.77, 5.0)]
+    ok, line = us_maps.bundling_verdict(
+        pooled, "base", "new", ["real", "real3"], min_real_gain=0.025
+    )
+    assert ok and "+0.030" in line
+    ok, _ = us_maps.bundling_verdict(pooled, "base", "new", "real", min_real_gain=0.025)
+    assert not ok  # the one rendering alone: -0.09
 
 
 def test_pipeline_maps_of_the_bundled_us_model_are_scored(tiny_case: Path) -> None:
