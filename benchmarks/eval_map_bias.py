@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from eval_us_maps import pipeline_maps  # a sibling script: benchmarks/ is on sys.path
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from kidneyreg.features.infer import load_feature_model, predict_ct, predict_us
+from kidneyreg.features.infer import load_feature_model, predict_ct
 from kidneyreg.features.metrics import dice
 from kidneyreg.io.us import read_us_mask, read_us_sequence
-from kidneyreg.pipeline import FEATURE_THRESHOLD, convex_regions, persistent_region
+from kidneyreg.pipeline import FEATURE_THRESHOLD
 
 
 def boundary_length(mask: NDArray[np.bool_], spacing: float) -> float:
@@ -51,6 +52,11 @@ def precision_recall(
     """Share of the prediction inside the truth, share of the truth covered."""
     both = float((prediction & truth).sum())
     return both / max(float(prediction.sum()), 1.0), both / max(float(truth.sum()), 1.0)
+
+
+def _cells(row: tuple[float, ...] | NDArray[np.float64]) -> str:
+    # Columns 3 and 7 are the signed offsets (mm), the rest shares.
+    return " | ".join(f"{v:+.2f}" if i in (3, 7) else f"{v:.3f}" for i, v in enumerate(row))
 
 
 def main() -> None:
@@ -71,9 +77,7 @@ def main() -> None:
     for case in args.cases:
         sequence = read_us_sequence(case / "us.nii.gz", min_frames=1)
         truth = np.asarray(read_us_mask(case / "us_kidney_mask.nii.gz", sequence)) > 0
-        stride = int(us_model.config.window)
-        binary = predict_us(us_model, sequence, stride=stride) >= FEATURE_THRESHOLD
-        kept = convex_regions(persistent_region(binary))
+        kept = pipeline_maps(us_model, sequence, FEATURE_THRESHOLD)[1]
         sx, sy = (float(v) for v in sequence.pixel_size)
         offsets = [
             float(kept[k].sum() - truth[k].sum())
@@ -100,22 +104,12 @@ def main() -> None:
             *precision_recall(ct_map, mask),
             ct_offset,
         )
-        print(
-            f"| {case} | "
-            + " | ".join(f"{v:+.2f}" if i in (3, 7) else f"{v:.3f}" for i, v in enumerate(row))
-            + " |",
-            flush=True,
-        )
+        print(f"| {case} | {_cells(row)} |", flush=True)
         info = json.loads((case / "case.json").read_text(encoding="utf-8"))
         if info.get("anatomy_source") == "procedural":
             rows.append(row)
     if rows:
-        mean = np.mean(rows, axis=0)
-        print(
-            f"| mean of {len(rows)} procedural | "
-            + " | ".join(f"{v:+.2f}" if i in (3, 7) else f"{v:.3f}" for i, v in enumerate(mean))
-            + " |"
-        )
+        print(f"| mean of {len(rows)} procedural | {_cells(np.mean(rows, axis=0))} |")
 
 
 if __name__ == "__main__":

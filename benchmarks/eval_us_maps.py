@@ -96,6 +96,16 @@ def named_model(name: str) -> FeatureModel:
     return load_feature_model(Path(name), modality="us")
 
 
+def pipeline_maps(
+    model: FeatureModel, sequence: UltrasoundSequence, threshold: float = 0.5
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """The U/S maps as ``register`` reads them: thresholded (disjoint windows of ``Nw`` frames),
+    and cleaned (:func:`~kidneyreg.pipeline.persistent_region`, then
+    :func:`~kidneyreg.pipeline.convex_regions`)."""
+    binary = predict_us(model, sequence, stride=int(model.config.window)) >= threshold
+    return binary, convex_regions(persistent_region(binary))
+
+
 def shaded_sequences(
     sequence: UltrasoundSequence, tissues: Path | None, scale: float, draws: int
 ) -> list[UltrasoundSequence]:
@@ -130,14 +140,12 @@ def score_cohort(
 ) -> MapScores:
     """Mean raw / cleaned Dice and centroid error of ``model``'s pipeline maps on ``cohort``."""
     raw, cleaned, centroid = [], [], []
-    stride = int(model.config.window)
     cases = find_cases(cohort, "us")
     for files in cases:
         original = read_us_sequence(files.image, min_frames=1)
         truth = np.asarray(read_us_mask(files.mask, original)) > 0
         for sequence in shaded_sequences(original, files.tissue_labels, tissue_gain, gain_draws):
-            binary = predict_us(model, sequence, stride=stride) >= threshold
-            kept = convex_regions(persistent_region(binary))
+            binary, kept = pipeline_maps(model, sequence, threshold)
             raw.append(dice(binary, truth))
             cleaned.append(dice(kept, truth))
             centroid.append(median_centroid_error(kept, truth, sequence.pixel_size))
