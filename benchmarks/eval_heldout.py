@@ -109,6 +109,7 @@ def evaluate_case(
     also_frame_step: int | None = None,
     sinus: str | None = None,
     sinus_models: tuple[Path | None, Path | None] = (None, None),
+    ct_sinus_hu: bool = False,
     mirror: bool | None = None,
     us_features: Path | None = None,
 ) -> dict[str, Any]:
@@ -123,9 +124,11 @@ def evaluate_case(
     that anchor weight (``"adapted_a0"`` for 0, scored on the same frames). With
     ``sinus="masks"`` the CT and the U/S get renal-sinus masks from the simulator's label maps
     (with ``"network"`` from the sinus feature networks ``sinus_models``, CT and U/S; None: the
-    bundled ones), and ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained / adapted
-    model with the plane search (:meth:`Registrar.search_plane`) applied; the rows without the
-    suffix stay without it. ``us_features``: the U/S kidney feature network of
+    bundled U/S one and the CT's HU inside its kidney map; with ``ct_sinus_hu`` the CT's sinus
+    is read from its HU with masks too, :func:`~kidneyreg.preprocess.renal_sinus`), and
+    ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained / adapted model with the
+    plane search (:meth:`Registrar.search_plane`) applied; the rows without the suffix stay
+    without it. ``us_features``: the U/S kidney feature network of
     ``features="network"`` (None: the bundled one).
     """
     ct = read_ct(case / "ct.nii.gz")
@@ -140,7 +143,8 @@ def evaluate_case(
         init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
     ct_sinus = us_sinus = None
     if sinus == "masks":
-        ct_sinus = sinus_mask_image(sitk.ReadImage(str(case / "labels.nii.gz")))
+        if not ct_sinus_hu:
+            ct_sinus = sinus_mask_image(sitk.ReadImage(str(case / "labels.nii.gz")))
         us_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "us_labels.nii.gz")))
         us_sinus = sinus_mask_array(us_labels)
     registrar = Registrar(
@@ -313,6 +317,11 @@ def main() -> None:
         "(masks) or from the sinus feature networks (network)",
     )
     parser.add_argument("--ct-sinus-features", type=Path, default=None)
+    parser.add_argument(
+        "--ct-sinus-hu",
+        action="store_true",
+        help="with --sinus masks: the CT's sinus from its HU inside the kidney mask (not labels)",
+    )
     parser.add_argument("--us-sinus-features", type=Path, default=None)
     parser.add_argument(
         "--mirror",
@@ -347,6 +356,7 @@ def main() -> None:
                 also_frame_step=args.also_frame_step,
                 sinus=args.sinus,
                 sinus_models=(args.ct_sinus_features, args.us_sinus_features),
+                ct_sinus_hu=args.ct_sinus_hu,
                 mirror={"auto": None, "on": True, "off": False}[args.mirror],
                 us_features=args.us_features,
             )

@@ -845,12 +845,12 @@ def test_plane_search_refuses_missing_or_bad_sinus_masks(
 ) -> None:
     ct_sinus, us_sinus = case.sinus_masks()
     registrar = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
-    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus)
-    with pytest.raises(ValueError, match="sinus masks of the CT"):
+    prepared = registrar.prepare(sequence, case.us_kidney_mask, detect=False)
+    with pytest.raises(ValueError, match="renal-sinus masks of the U/S frames"):
         registrar.adapt(prepared, frames_idx=[4], epochs=1, plane_search=True)
     # Without sinus masks adaptation does not search.
     registrar.adapt(prepared, frames_idx=[4], epochs=1)
-    assert registrar.plane_search is None
+    assert registrar.plane_search is None and registrar.ct_sinus_mask is None
     with pytest.raises(InputError, match="U/S sinus mask: mask grid differs"):
         registrar.prepare(sequence, case.us_kidney_mask, detect=False, sinus_masks=us_sinus[1:])
     with pytest.raises(InputError, match="empty in every frame"):
@@ -923,6 +923,30 @@ def test_sinus_networks_give_the_plane_search_its_maps(
     kidney_model = FeatureModel(ULBNet(config).eval(), config, "ct.pt", torch.device("cpu"))
     with pytest.raises(InputError, match="is not a sinus feature model"):
         Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, ct_sinus_features=kidney_model)
+
+
+def test_the_ct_sinus_is_read_from_hu_without_a_ct_sinus_mask_or_network(
+    case: SimulatedCase, sequence: UltrasoundSequence
+) -> None:
+    from kidneyreg.preprocess import renal_sinus
+
+    expected = sitk.GetArrayFromImage(renal_sinus(case.ct_kidney_mask, case.ct))
+    us_sinus_model = _constant_sinus_model("us", 30.0)
+    registrar = Registrar(
+        case.ct,
+        tiny_net(),
+        ct_mask=case.ct_kidney_mask,
+        device="cpu",
+        us_sinus_features=us_sinus_model,
+    )
+    assert registrar.sinus_source_ct == "hu" and registrar.ct_sinus_mask is not None
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(registrar.ct_sinus_mask), expected)
+    # Only the sequence's sinus masks given: the CT's comes from its HU when they arrive.
+    plain = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, device="cpu")
+    assert plain.ct_sinus_mask is None and plain.sinus_source_ct is None
+    with pytest.warns(BreathingNotDetectedWarning):
+        prepared = plain.prepare(sequence, case.us_kidney_mask, sinus_masks=case.sinus_masks()[1])
+    assert prepared.sinus is not None and plain.sinus_source_ct == "hu"
 
 
 def _dilated(masks: np.ndarray) -> np.ndarray:

@@ -564,3 +564,31 @@ def test_fill_renal_sinus_gives_a_parenchyma_only_mask_its_capsule() -> None:
     bright.CopyInformation(case.ct)
     assert pp.fill_renal_sinus(mask_image(parenchyma), bright)[1] == 0
     assert pp.fill_renal_sinus(mask_image(np.zeros_like(capsule)), case.ct)[1] == 0
+
+
+def test_renal_sinus_is_read_from_hu_inside_either_kind_of_kidney_mask() -> None:
+    from kidneyreg.simulate.case import simulate_case_data
+
+    case = simulate_case_data(0, frames=2, profile="tiny")
+    capsule = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
+    truth = capsule & (sitk.GetArrayFromImage(case.sinus_masks()[0]) > 0)
+
+    def mask_image(array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.CopyInformation(case.ct_kidney_mask)
+        return image
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+    from_capsule = sitk.GetArrayFromImage(pp.renal_sinus(case.ct_kidney_mask, case.ct)) > 0
+    assert from_capsule.sum() > 0.5 * truth.sum() and dice(from_capsule, truth) > 0.75
+    # A parenchyma-only mask (the sinus left out) gives the same sinus: it lies in the hull.
+    from_parenchyma = pp.renal_sinus(mask_image(capsule & ~truth), case.ct)
+    assert dice(sitk.GetArrayFromImage(from_parenchyma) > 0, from_capsule) > 0.95
+    assert from_parenchyma.GetSpacing() == case.ct.GetSpacing()
+    # Enhanced tissue is not sinus, and an empty mask has none.
+    bright = sitk.Image(case.ct) * 0 + 250.0
+    assert not sitk.GetArrayFromImage(pp.renal_sinus(case.ct_kidney_mask, bright)).any()
+    empty = pp.renal_sinus(mask_image(np.zeros_like(capsule)), case.ct)
+    assert not sitk.GetArrayFromImage(empty).any()

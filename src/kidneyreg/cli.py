@@ -537,7 +537,11 @@ _CtSinusMaskOption = Annotated[
 ]
 _UsSinusMaskOption = Annotated[
     Path | None,
-    typer.Option("--us-sinus-mask", help="U/S renal-sinus masks (with --ct-sinus-mask)."),
+    typer.Option(
+        "--us-sinus-mask",
+        help="U/S renal-sinus masks; without --ct-sinus-mask the CT's sinus is read from its "
+        "HU inside the kidney map.",
+    ),
 ]
 _SinusNetworksOption = Annotated[
     bool,
@@ -552,7 +556,8 @@ _CtSinusFeaturesOption = Annotated[
     Path | None,
     typer.Option(
         "--ct-sinus-features",
-        help="CT sinus feature network (default: the bundled one; implies --sinus-networks).",
+        help="CT sinus feature network (implies --sinus-networks; default: the sinus read from "
+        "the CT's HU inside the kidney map).",
     ),
 ]
 _UsSinusFeaturesOption = Annotated[
@@ -773,11 +778,9 @@ def register(
 
     _check_adapt_options(adapt_strategy, adapt_epochs, anchor, prefix="adapt-")
     with_networks = sinus_networks or ct_sinus_features or us_sinus_features
-    if (ct_sinus_mask is None) != (us_sinus_mask is None) and not with_networks:
-        given = "--ct-sinus-mask" if ct_sinus_mask is not None else "--us-sinus-mask"
-        raise InputError(
-            given, "needs its counterpart (--ct-sinus-mask and --us-sinus-mask) or --sinus-networks"
-        )
+    if ct_sinus_mask is not None and us_sinus_mask is None and not with_networks:
+        # The U/S sinus has no fallback; the CT's is read from its HU when not given.
+        raise InputError("--ct-sinus-mask", "needs --us-sinus-mask or --sinus-networks")
     with _one_line_warnings():
         registrar, ct_image, sequence, masks = _registrar_inputs(
             ct=ct,

@@ -94,6 +94,7 @@ from kidneyreg.preprocess import (
     fill_renal_sinus,
     kidney_centroid,
     normalize_ct,
+    renal_sinus,
     window_indices,
     window_transforms,
 )
@@ -233,8 +234,8 @@ PLANE_SEARCH_FRAMES = 24
 # mask of both kidneys' sinuses keeps the scanned one's).
 _SINUS_MARGIN_MM = 10.0
 _PLANE_SEARCH_NEEDS = (
-    "the plane search needs renal-sinus masks of the CT (Registrar(ct_sinus_mask=...)) and of "
-    "the U/S frames (prepare(sinus_masks=...))"
+    "the plane search needs renal-sinus masks of the U/S frames (prepare(sinus_masks=...)) and "
+    "of the CT (Registrar(ct_sinus_mask=...), or read from its HU when not given)"
 )
 
 
@@ -807,7 +808,9 @@ class Registrar:
             plane search without any sinus mask. Implied by ``ct_sinus_features`` or
             ``us_sinus_features``.
         ct_sinus_features: CT sinus feature network (loaded model or checkpoint); None: the
-            bundled one.
+            sinus is read from the CT's HU inside the kidney map (:func:`renal_sinus`: fat and
+            fluid deep inside the capsule; a contrast-enhanced CT), also when only the
+            sequence's sinus masks are given.
         us_sinus_features: U/S sinus feature network; None: the bundled one.
         log: Called with one-line progress messages.
         mirror: Run the network in the L-R mirror image of the registration grid (the CT
@@ -938,11 +941,14 @@ class Registrar:
         self._us_sinus_model: FeatureModel | None = None
         #: The chosen kidney's sinus on the CT grid (uint8), or None.
         self.ct_sinus_mask: sitk.Image | None = None
-        #: Where the CT sinus came from: ``"masks"``, ``"network"`` or None (no sinus).
+        #: Where the CT sinus came from: ``"masks"``, ``"network"``, ``"hu"`` (the CT's HU inside
+        #: the kidney map, :func:`renal_sinus`) or None (no sinus).
         self.sinus_source_ct: str | None = None
         if ct_sinus_mask is not None:
             self.ct_sinus_mask = self._kidney_sinus(ct_sinus_mask, ct, ct_sinus_mask_source)
             self.sinus_source_ct = "masks"
+        elif self.sinus_networks and ct_sinus_features is None:
+            self._hu_sinus()
         elif self.sinus_networks:
             from kidneyreg.features.infer import predict_ct
 
@@ -1167,6 +1173,16 @@ class Registrar:
         self.adaptation = None
         self.plane_search = None
 
+    def _hu_sinus(self) -> None:
+        """The chosen kidney's sinus from the CT's HU inside its map (:func:`renal_sinus`)."""
+        self._log("CT sinus from HU inside the kidney map")
+        sinus = renal_sinus(self.kidney.mask, self.ct)
+        try:
+            self.ct_sinus_mask = self._kidney_sinus(sinus, self.ct, f"{self.ct_source} (sinus HU)")
+            self.sinus_source_ct = "hu"
+        except InputError as error:
+            warnings.warn(f"no plane search: {error}", stacklevel=3)
+
     def _kidney_sinus(self, mask: sitk.Image, ct: sitk.Image, source: str) -> sitk.Image:
         """The sinus mask on the CT grid, kept near the chosen kidney, as uint8."""
         if not isinstance(mask, sitk.Image) or mask.GetDimension() != 3:
@@ -1346,6 +1362,8 @@ class Registrar:
             sinus = _frame_masks(sinus_masks, sequence, sinus_source)
             if not sinus.any():
                 raise InputError(sinus_source, "the sinus mask is empty in every frame")
+            if self.ct_sinus_mask is None:
+                self._hu_sinus()
         elif self.sinus_networks and self.ct_sinus_mask is not None and detect:
             # Whole sequences only: the search runs once, on the adaptation cycle; a streaming
             # window (detect=False) only applies the correction found then.

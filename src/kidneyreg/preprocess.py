@@ -87,6 +87,13 @@ _BODY_HU = -500.0
 #: (its outline on U/S), and reads between gas and enhanced parenchyma on CT.
 SINUS_DEPTH_MM = 4.0
 SINUS_HU_RANGE = (-400.0, 40.0)
+#: :func:`renal_sinus`: inside a kidney map the sinus is fat (below this HU) on any CT, and also
+#: urine (up to :data:`SINUS_HU_RANGE`'s top) on one whose parenchyma enhances.
+SINUS_FAT_HU = -20.0
+#: Median HU of a kidney's parenchyma (its voxels above :data:`PARENCHYMA_MIN_HU`) above which
+#: the CT counts as contrast-enhanced: unenhanced parenchyma reads 20-40 HU, enhanced 100-200.
+ENHANCED_PARENCHYMA_HU = 90.0
+PARENCHYMA_MIN_HU = 20.0
 
 #: Intensity window of :func:`normalize_ct` in HU. It spans retroperitoneal fat (about -100 HU),
 #: soft tissue and unenhanced parenchyma (30-60 HU), contrast-enhanced renal cortex and medulla
@@ -1063,24 +1070,68 @@ def fill_renal_sinus(mask: sitk.Image, ct: sitk.Image) -> tuple[sitk.Image, int]
     array = sitk.GetArrayViewFromImage(mask) > 0
     if not array.any():
         return sitk.Cast(mask, sitk.sitkUInt8), 0
-    spacing = np.asarray(mask.GetSpacing(), dtype=np.float64)
-    margin = np.ceil(SINUS_DEPTH_MM / spacing[::-1]).astype(int) + 1
-    idx = np.argwhere(array)
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + 1 + margin, array.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    organ = array[box]
-    hull = convex_hull_mask(organ)
-    deep = distance_inside(hull, tuple(spacing)) > SINUS_DEPTH_MM
-    hu = sitk.GetArrayViewFromImage(ct)[box]
-    low, high = SINUS_HU_RANGE
-    extra = hull & ~organ & deep & (hu > low) & (hu < high)
+    box, sinus = _sinus_in_box(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing())
+    extra = sinus & ~array[box]
     added = int(extra.sum())
     out = array.astype(np.uint8)
     out[box] |= extra.astype(np.uint8)
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(mask)
     return image, added
+
+
+def renal_sinus(mask: sitk.Image, ct: sitk.Image) -> sitk.Image:
+    """The renal sinus of the kidney in ``mask``, read from the CT's HU.
+
+    The sinus (sinus fat, the collecting system's urine, small vessels) is what lies inside the
+    kidney's capsule but is not parenchyma. The voxels returned lie inside the mask's convex
+    hull (the capsule), deeper than :data:`SINUS_DEPTH_MM` below its surface, and are either
+    outside the mask with HU in :data:`SINUS_HU_RANGE` (the hilum a parenchyma-only label leaves
+    out: what :func:`fill_renal_sinus` adds) or inside it and darker than the parenchyma: fat
+    (below :data:`SINUS_FAT_HU`) on any CT, and urine too (up to :data:`SINUS_HU_RANGE`'s top)
+    when the parenchyma enhances (its median above :data:`ENHANCED_PARENCHYMA_HU`). On an
+    unenhanced CT urine and parenchyma read alike, and the sinus inside a map is its fat alone.
+
+    Args:
+        mask: Mask of one kidney (0/1) on the CT's grid.
+        ct: The CT in HU.
+
+    Returns:
+        uint8 sinus mask on the CT's grid; empty when ``mask`` is.
+
+    Example:
+        >>> sinus = renal_sinus(kidney_mask, ct)  # doctest: +SKIP
+    """
+    array = sitk.GetArrayViewFromImage(mask) > 0
+    out = np.zeros(array.shape, np.uint8)
+    if array.any():
+        box, sinus = _sinus_in_box(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing())
+        out[box] = sinus
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(mask)
+    return image
+
+
+def _sinus_in_box(
+    organ: NDArray[np.bool_], hu: NDArray[Any], spacing: Sequence[float]
+) -> tuple[tuple[slice, ...], NDArray[np.bool_]]:
+    """The renal-sinus voxels of ``organ`` (hull, depth and HU rule) on its bounding box."""
+    size = np.asarray(spacing, dtype=np.float64)
+    margin = np.ceil(SINUS_DEPTH_MM / size[::-1]).astype(int) + 1
+    idx = np.argwhere(organ)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + 1 + margin, organ.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    inside = organ[box]
+    hull = convex_hull_mask(inside)
+    deep = distance_inside(hull, tuple(size)) > SINUS_DEPTH_MM
+    values = hu[box]
+    low, high = SINUS_HU_RANGE
+    in_range = (values > low) & (values < high)
+    parenchyma = values[inside & (values > PARENCHYMA_MIN_HU)]
+    enhanced = parenchyma.size > 0 and float(np.median(parenchyma)) > ENHANCED_PARENCHYMA_HU
+    darker = in_range if enhanced else in_range & (values < SINUS_FAT_HU)
+    return box, hull & deep & np.where(inside, darker, in_range)
 
 
 def body_midline_x(ct: sitk.Image) -> float:
