@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from kidneyreg import geometry as g
 from kidneyreg import preprocess as pp
@@ -592,3 +593,30 @@ def test_renal_sinus_is_read_from_hu_inside_either_kind_of_kidney_mask() -> None
     assert not sitk.GetArrayFromImage(pp.renal_sinus(case.ct_kidney_mask, bright)).any()
     empty = pp.renal_sinus(mask_image(np.zeros_like(capsule)), case.ct)
     assert not sitk.GetArrayFromImage(empty).any()
+
+
+def test_renal_sinus_takes_each_kidney_of_a_two_kidney_mask_on_its_own() -> None:
+    from kidneyreg.simulate.case import simulate_case_data
+    from kidneyreg.simulate.tissues import kidney_labels, sinus_labels
+
+    case = simulate_case_data(0, frames=2, profile="tiny")
+    labels = sitk.GetArrayFromImage(case.labels)
+    both = np.isin(labels, kidney_labels())
+    pieces, count = ndimage.label(both, structure=np.ones((3, 3, 3), bool))
+    assert count == 2  # the simulated abdomen has both kidneys, apart
+
+    def image(array: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(array.astype(np.uint8))
+        out.CopyInformation(case.ct)
+        return out
+
+    joint = sitk.GetArrayFromImage(pp.renal_sinus(image(both), case.ct)) > 0
+    apart = [
+        sitk.GetArrayFromImage(pp.renal_sinus(image(pieces == k), case.ct)) > 0 for k in (1, 2)
+    ]
+    np.testing.assert_array_equal(joint, apart[0] | apart[1])
+    truth = np.isin(labels, sinus_labels())
+    assert 2 * (joint & truth).sum() / (joint.sum() + truth.sum()) > 0.75
+    # Filling a two-kidney mask adds nothing between the kidneys either.
+    filled, _ = pp.fill_renal_sinus(image(both), case.ct)
+    assert not ((sitk.GetArrayFromImage(filled) > 0) & ~both & ~truth).any()

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from kidneyreg.errors import InputError
@@ -1052,10 +1053,10 @@ def fill_renal_sinus(mask: sitk.Image, ct: sitk.Image) -> tuple[sitk.Image, int]
     Common CT segmentations (TotalSegmentator's, for one) label the parenchyma only, a C-shape
     open at the hilum, while the kidney outline on U/S (and the bundled feature networks' maps)
     is the capsule, with the sinus fat, vessels and collecting system inside. The voxels added
-    lie inside the mask's convex hull, deeper than :data:`SINUS_DEPTH_MM` below its surface,
-    with HU in :data:`SINUS_HU_RANGE` (the rule ``simulate --from-ct`` uses to give a real CT's
-    label its sinus). A mask that already holds its sinus gets almost nothing: the simulator's
-    procedural kidneys gain no voxel.
+    lie inside the convex hull of each of the mask's connected pieces (one per kidney), deeper
+    than :data:`SINUS_DEPTH_MM` below its surface, with HU in :data:`SINUS_HU_RANGE` (the rule
+    ``simulate --from-ct`` uses to give a real CT's label its sinus). A mask that already holds
+    its sinus gets almost nothing: the simulator's procedural kidneys gain no voxel.
 
     Args:
         mask: Kidney mask (0/1) on the CT's grid.
@@ -1070,11 +1071,9 @@ def fill_renal_sinus(mask: sitk.Image, ct: sitk.Image) -> tuple[sitk.Image, int]
     array = sitk.GetArrayViewFromImage(mask) > 0
     if not array.any():
         return sitk.Cast(mask, sitk.sitkUInt8), 0
-    box, sinus = _sinus_in_box(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing())
-    extra = sinus & ~array[box]
+    extra = _sinus_voxels(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing()) & ~array
     added = int(extra.sum())
-    out = array.astype(np.uint8)
-    out[box] |= extra.astype(np.uint8)
+    out = (array | extra).astype(np.uint8)
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(mask)
     return image, added
@@ -1093,7 +1092,8 @@ def renal_sinus(mask: sitk.Image, ct: sitk.Image) -> sitk.Image:
     unenhanced CT urine and parenchyma read alike, and the sinus inside a map is its fat alone.
 
     Args:
-        mask: Mask of one kidney (0/1) on the CT's grid.
+        mask: Kidney mask (0/1) on the CT's grid; each connected piece (one per kidney) is
+            taken on its own.
         ct: The CT in HU.
 
     Returns:
@@ -1103,35 +1103,42 @@ def renal_sinus(mask: sitk.Image, ct: sitk.Image) -> sitk.Image:
         >>> sinus = renal_sinus(kidney_mask, ct)  # doctest: +SKIP
     """
     array = sitk.GetArrayViewFromImage(mask) > 0
-    out = np.zeros(array.shape, np.uint8)
-    if array.any():
-        box, sinus = _sinus_in_box(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing())
-        out[box] = sinus
-    image = sitk.GetImageFromArray(out)
+    sinus = _sinus_voxels(array, sitk.GetArrayViewFromImage(ct), mask.GetSpacing())
+    image = sitk.GetImageFromArray(sinus.astype(np.uint8))
     image.CopyInformation(mask)
     return image
 
 
-def _sinus_in_box(
+def _sinus_voxels(
     organ: NDArray[np.bool_], hu: NDArray[Any], spacing: Sequence[float]
-) -> tuple[tuple[slice, ...], NDArray[np.bool_]]:
-    """The renal-sinus voxels of ``organ`` (hull, depth and HU rule) on its bounding box."""
+) -> NDArray[np.bool_]:
+    """The renal-sinus voxels of each connected piece of ``organ`` (two kidneys: two hulls)."""
+    out = np.zeros(organ.shape, bool)
+    pieces, _ = ndimage.label(organ, structure=np.ones((3, 3, 3), bool))
     size = np.asarray(spacing, dtype=np.float64)
     margin = np.ceil(SINUS_DEPTH_MM / size[::-1]).astype(int) + 1
-    idx = np.argwhere(organ)
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + 1 + margin, organ.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    inside = organ[box]
+    for index, where in enumerate(ndimage.find_objects(pieces), start=1):
+        if where is None:
+            continue
+        lo = np.maximum([w.start for w in where] - margin, 0)
+        hi = np.minimum([w.stop for w in where] + margin, organ.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        out[box] |= _sinus_in_box(pieces[box] == index, hu[box], size)
+    return out
+
+
+def _sinus_in_box(
+    inside: NDArray[np.bool_], hu: NDArray[Any], size: NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """The renal-sinus voxels of one kidney ``inside`` (hull, depth and HU rule) on its box."""
     hull = convex_hull_mask(inside)
     deep = distance_inside(hull, tuple(size)) > SINUS_DEPTH_MM
-    values = hu[box]
     low, high = SINUS_HU_RANGE
-    in_range = (values > low) & (values < high)
-    parenchyma = values[inside & (values > PARENCHYMA_MIN_HU)]
+    in_range = (hu > low) & (hu < high)
+    parenchyma = hu[inside & (hu > PARENCHYMA_MIN_HU)]
     enhanced = parenchyma.size > 0 and float(np.median(parenchyma)) > ENHANCED_PARENCHYMA_HU
-    darker = in_range if enhanced else in_range & (values < SINUS_FAT_HU)
-    return box, hull & deep & np.where(inside, darker, in_range)
+    darker = in_range if enhanced else in_range & (hu < SINUS_FAT_HU)
+    return hull & deep & np.where(inside, darker, in_range)
 
 
 def body_midline_x(ct: sitk.Image) -> float:
