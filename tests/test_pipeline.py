@@ -947,6 +947,17 @@ def test_the_ct_sinus_is_read_from_hu_without_a_ct_sinus_mask_or_network(
     with pytest.warns(BreathingNotDetectedWarning):
         prepared = plain.prepare(sequence, case.us_kidney_mask, sinus_masks=case.sinus_masks()[1])
     assert prepared.sinus is not None and plain.sinus_source_ct == "hu"
+    # A CT with no fat or fluid in the kidney (all of it enhanced): no sinus, no search.
+    bright = sitk.Image(case.ct) * 0 + 250.0
+    with pytest.warns(UserWarning, match="no plane search: .*sinus mask is empty near"):
+        blind = Registrar(
+            bright,
+            tiny_net(),
+            ct_mask=case.ct_kidney_mask,
+            device="cpu",
+            us_sinus_features=us_sinus_model,
+        )
+    assert blind.ct_sinus_mask is None and blind.sinus_source_ct is None
 
 
 def _dilated(masks: np.ndarray) -> np.ndarray:

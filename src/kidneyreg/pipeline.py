@@ -1175,13 +1175,16 @@ class Registrar:
 
     def _hu_sinus(self) -> None:
         """The chosen kidney's sinus from the CT's HU inside its map (:func:`renal_sinus`)."""
-        self._log("CT sinus from HU inside the kidney map")
         sinus = renal_sinus(self.kidney.mask, self.ct)
         try:
             self.ct_sinus_mask = self._kidney_sinus(sinus, self.ct, f"{self.ct_source} (sinus HU)")
-            self.sinus_source_ct = "hu"
         except InputError as error:
             warnings.warn(f"no plane search: {error}", stacklevel=3)
+            return
+        self.sinus_source_ct = "hu"
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(self.ct_sinus_mask)))
+        ml = voxels * float(np.prod(self.ct.GetSpacing())) / 1000.0
+        self._log(f"CT sinus from HU inside the kidney map ({ml:.1f} ml)")
 
     def _kidney_sinus(self, mask: sitk.Image, ct: sitk.Image, source: str) -> sitk.Image:
         """The sinus mask on the CT grid, kept near the chosen kidney, as uint8."""
