@@ -1080,16 +1080,17 @@ def fill_renal_sinus(mask: sitk.Image, ct: sitk.Image) -> tuple[sitk.Image, int]
 
 
 def renal_sinus(mask: sitk.Image, ct: sitk.Image) -> sitk.Image:
-    """The renal sinus of the kidney in ``mask``, read from the CT's HU.
+    """The renal sinus of the kidney(s) in ``mask``, read from the CT's HU.
 
     The sinus (sinus fat, the collecting system's urine, small vessels) is what lies inside the
-    kidney's capsule but is not parenchyma. The voxels returned lie inside the mask's convex
-    hull (the capsule), deeper than :data:`SINUS_DEPTH_MM` below its surface, and are either
-    outside the mask with HU in :data:`SINUS_HU_RANGE` (the hilum a parenchyma-only label leaves
-    out: what :func:`fill_renal_sinus` adds) or inside it and darker than the parenchyma: fat
-    (below :data:`SINUS_FAT_HU`) on any CT, and urine too (up to :data:`SINUS_HU_RANGE`'s top)
-    when the parenchyma enhances (its median above :data:`ENHANCED_PARENCHYMA_HU`). On an
-    unenhanced CT urine and parenchyma read alike, and the sinus inside a map is its fat alone.
+    kidney's capsule but is not parenchyma. The voxels returned lie inside the convex hull of
+    each of the mask's connected pieces (the capsule), deeper than :data:`SINUS_DEPTH_MM` below
+    its surface, and are either outside the mask with HU in :data:`SINUS_HU_RANGE` (the hilum a
+    parenchyma-only label leaves out: what :func:`fill_renal_sinus` adds) or inside it and
+    darker than the parenchyma: fat (below :data:`SINUS_FAT_HU`) on any CT, and urine too (up
+    to :data:`SINUS_HU_RANGE`'s top) when the parenchyma enhances (its median above
+    :data:`ENHANCED_PARENCHYMA_HU`). On an unenhanced CT urine and parenchyma read alike, and
+    the sinus inside a map is its fat alone.
 
     Args:
         mask: Kidney mask (0/1) on the CT's grid; each connected piece (one per kidney) is

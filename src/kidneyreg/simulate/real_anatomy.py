@@ -41,7 +41,10 @@ from scipy import ndimage
 
 from kidneyreg.errors import InputError
 from kidneyreg.preprocess import (
+    ENHANCED_PARENCHYMA_HU,
+    PARENCHYMA_MIN_HU,
     SINUS_DEPTH_MM,
+    SINUS_FAT_HU,
     SINUS_HU_RANGE,
     body_midline_x,
     convex_hull_mask,
@@ -265,14 +268,14 @@ def _split_kidney(
         # preprocess.fill_renal_sinus adds the same voxels to a user's parenchyma-only mask.
         extra = hull & ~organ & deep & (hu > SINUS_HU_RANGE[0]) & (hu < SINUS_HU_RANGE[1])
         whole = organ | extra
-    parenchyma = organ & (hu > 20.0) & (distance_inside(organ, spacing) > spacing)
+    parenchyma = organ & (hu > PARENCHYMA_MIN_HU) & (distance_inside(organ, spacing) > spacing)
     median = float(np.median(hu[parenchyma])) if parenchyma.any() else 30.0
-    enhanced = median > 90.0
+    enhanced = median > ENHANCED_PARENCHYMA_HU
     hilum = hull & ~organ
     # The sinus: fat deep in the kidney, and everything of the kidney outside the organ label
     # (fat, vessels and the collapsed collecting system, read between fat and water HU on thick
     # slices); on U/S it is the bright central echo complex.
-    sinus = whole & deep & ((hu < -20.0) | ~organ)
+    sinus = whole & deep & ((hu < SINUS_FAT_HU) | ~organ)
     collecting = np.zeros_like(organ)
     if enhanced:
         # Only contrast tells urine (and unenhanced vessels) from the mixture of sinus fat and
