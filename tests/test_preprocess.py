@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -534,18 +536,33 @@ def test_prefiltered_frames_give_the_same_windows() -> None:
     np.testing.assert_array_equal(pp.antialias_frames(coarse, (2.0, 2.0), "cpu"), coarse)
 
 
-def test_fill_renal_sinus_gives_a_parenchyma_only_mask_its_capsule() -> None:
+@pytest.fixture(scope="module")
+def tiny_case() -> Any:
+    """A tiny simulated patient (both kidneys in its label map, the right one in its mask)."""
     from kidneyreg.simulate.case import simulate_case_data
 
-    case = simulate_case_data(0, frames=2, profile="tiny")
+    return simulate_case_data(0, frames=2, profile="tiny")
+
+
+def _mask_on(reference: sitk.Image, array: np.ndarray) -> sitk.Image:
+    """``array`` as a uint8 mask on ``reference``'s grid."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_fill_renal_sinus_gives_a_parenchyma_only_mask_its_capsule(tiny_case: Any) -> None:
+    case = tiny_case
     capsule = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
     sinus = sitk.GetArrayFromImage(case.sinus_masks()[0]) > 0
     assert (capsule & sinus).sum() > 0.1 * capsule.sum()
 
     def mask_image(array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array.astype(np.uint8))
-        image.CopyInformation(case.ct_kidney_mask)
-        return image
+        return _mask_on(case.ct_kidney_mask, array)
 
     # A mask that already holds its sinus (the simulator's) is left as it is.
     same, added = pp.fill_renal_sinus(case.ct_kidney_mask, case.ct)
@@ -567,26 +584,32 @@ def test_fill_renal_sinus_gives_a_parenchyma_only_mask_its_capsule() -> None:
     assert pp.fill_renal_sinus(mask_image(np.zeros_like(capsule)), case.ct)[1] == 0
 
 
-def test_renal_sinus_is_read_from_hu_inside_either_kind_of_kidney_mask() -> None:
-    from kidneyreg.simulate.case import simulate_case_data
+def test_renal_sinus_is_read_from_hu_inside_either_kind_of_kidney_mask(tiny_case: Any) -> None:
+    from kidneyreg.simulate.tissues import Tissue
 
-    case = simulate_case_data(0, frames=2, profile="tiny")
+    case = tiny_case
     capsule = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
     truth = capsule & (sitk.GetArrayFromImage(case.sinus_masks()[0]) > 0)
 
     def mask_image(array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array.astype(np.uint8))
-        image.CopyInformation(case.ct_kidney_mask)
-        return image
-
-    def dice(a: np.ndarray, b: np.ndarray) -> float:
-        return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+        return _mask_on(case.ct_kidney_mask, array)
 
     from_capsule = sitk.GetArrayFromImage(pp.renal_sinus(case.ct_kidney_mask, case.ct)) > 0
-    assert from_capsule.sum() > 0.5 * truth.sum() and dice(from_capsule, truth) > 0.75
+    assert from_capsule.sum() > 0.5 * truth.sum() and _dice(from_capsule, truth) > 0.75
     # A parenchyma-only mask (the sinus left out) gives the same sinus: it lies in the hull.
     from_parenchyma = pp.renal_sinus(mask_image(capsule & ~truth), case.ct)
-    assert dice(sitk.GetArrayFromImage(from_parenchyma) > 0, from_capsule) > 0.95
+    assert _dice(sitk.GetArrayFromImage(from_parenchyma) > 0, from_capsule) > 0.95
+    # Unenhanced (parenchyma at 30 HU, as urine nearly): inside the map only the fat is sinus.
+    hu = sitk.GetArrayFromImage(case.ct).astype(np.float32)
+    hu[capsule & ~truth] = 30.0
+    unenhanced = sitk.GetImageFromArray(hu)
+    unenhanced.CopyInformation(case.ct)
+    plain = sitk.GetArrayFromImage(pp.renal_sinus(case.ct_kidney_mask, unenhanced)) > 0
+    labels = sitk.GetArrayFromImage(case.labels)
+    fat = from_capsule & (labels == int(Tissue.SINUS_FAT))
+    urine = from_capsule & (labels == int(Tissue.COLLECTING))
+    assert not (plain & ~from_capsule).any() and (hu[plain] < pp.SINUS_FAT_HU).all()
+    assert (plain & fat).sum() > 0.9 * fat.sum() and (plain & urine).sum() < 0.3 * urine.sum()
     assert from_parenchyma.GetSpacing() == case.ct.GetSpacing()
     # Enhanced tissue is not sinus, and an empty mask has none.
     bright = sitk.Image(case.ct) * 0 + 250.0
@@ -595,20 +618,17 @@ def test_renal_sinus_is_read_from_hu_inside_either_kind_of_kidney_mask() -> None
     assert not sitk.GetArrayFromImage(empty).any()
 
 
-def test_renal_sinus_takes_each_kidney_of_a_two_kidney_mask_on_its_own() -> None:
-    from kidneyreg.simulate.case import simulate_case_data
+def test_renal_sinus_takes_each_kidney_of_a_two_kidney_mask_on_its_own(tiny_case: Any) -> None:
     from kidneyreg.simulate.tissues import kidney_labels, sinus_labels
 
-    case = simulate_case_data(0, frames=2, profile="tiny")
+    case = tiny_case
     labels = sitk.GetArrayFromImage(case.labels)
     both = np.isin(labels, kidney_labels())
     pieces, count = ndimage.label(both, structure=np.ones((3, 3, 3), bool))
     assert count == 2  # the simulated abdomen has both kidneys, apart
 
     def image(array: np.ndarray) -> sitk.Image:
-        out = sitk.GetImageFromArray(array.astype(np.uint8))
-        out.CopyInformation(case.ct)
-        return out
+        return _mask_on(case.ct, array)
 
     joint = sitk.GetArrayFromImage(pp.renal_sinus(image(both), case.ct)) > 0
     apart = [
@@ -616,7 +636,7 @@ def test_renal_sinus_takes_each_kidney_of_a_two_kidney_mask_on_its_own() -> None
     ]
     np.testing.assert_array_equal(joint, apart[0] | apart[1])
     truth = np.isin(labels, sinus_labels())
-    assert 2 * (joint & truth).sum() / (joint.sum() + truth.sum()) > 0.75
+    assert _dice(joint, truth) > 0.75
     # Filling a two-kidney mask adds nothing between the kidneys either.
     filled, _ = pp.fill_renal_sinus(image(both), case.ct)
     assert not ((sitk.GetArrayFromImage(filled) > 0) & ~both & ~truth).any()
