@@ -25,7 +25,10 @@ plane along the normal w).
 
 Feature maps come from the ground-truth masks (``--features masks``, the default: the table then
 measures registration alone) or from the bundled feature networks (``--features network``, what
-``kidneyreg register`` does without masks).
+``kidneyreg register`` does without masks); ``--features ct-network`` takes the CT's map from its
+network, cut back to the capsule by its HU, and the U/S masks from the ground truth (what
+``register --us-mask`` without ``--ct-mask`` does), ``--features us-network`` the U/S map from
+its network and the CT mask from the ground truth, to tell which side's map costs what.
 
 Usage::
 
@@ -129,7 +132,7 @@ def evaluate_case(
     ``"pretrained_sinus"`` / ``"adapted_sinus"`` are the pretrained / adapted model with the
     plane search (:meth:`Registrar.search_plane`) applied; the rows without the suffix stay
     without it. ``us_features``: the U/S kidney feature network of
-    ``features="network"`` (None: the bundled one).
+    ``features="network"`` or ``"us-network"`` (None: the bundled one).
     """
     ct = read_ct(case / "ct.nii.gz")
     ct_mask = read_mask(case / "ct_kidney_mask.nii.gz", ct)
@@ -137,7 +140,8 @@ def evaluate_case(
     us_masks = read_us_mask(case / "us_kidney_mask.nii.gz", sequence)
     truth = read_transforms_json(case / "ground_truth.json").matrices
     info = json.loads((case / "case.json").read_text(encoding="utf-8"))
-    with_masks = features == "masks"
+    ct_from_mask = features in ("masks", "us-network")
+    us_from_masks = features in ("masks", "ct-network")
     init = None
     if use_init:
         init = read_transforms_json(case / "init.json").broadcast_to(sequence.n_frames)
@@ -150,7 +154,8 @@ def evaluate_case(
     registrar = Registrar(
         ct,
         model,
-        ct_mask=ct_mask if with_masks else None,
+        ct_mask=ct_mask if ct_from_mask else None,
+        trim_ct_fat=features == "ct-network",  # as register does with --us-mask alone
         ct_sinus_mask=ct_sinus,
         sinus_networks=sinus == "network",
         ct_sinus_features=sinus_models[0],
@@ -165,7 +170,7 @@ def evaluate_case(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = registrar.prepare(
-            sequence, us_masks if with_masks else None, sinus_masks=us_sinus
+            sequence, us_masks if us_from_masks else None, sinus_masks=us_sinus
         )
 
     def register(stage: str) -> None:
@@ -273,7 +278,12 @@ def main() -> None:
     parser.add_argument("--cohort", type=Path, action="append", required=True)
     parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
     parser.add_argument("--adapt", action="store_true", help="also one-cycle adaptation")
-    parser.add_argument("--features", choices=("masks", "network"), default="masks")
+    parser.add_argument(
+        "--features",
+        choices=("masks", "network", "ct-network", "us-network"),
+        default="masks",
+        help="kidney maps from the ground truth, the networks, or the network on one side only",
+    )
     parser.add_argument(
         "--refinements",
         type=int,
@@ -333,7 +343,8 @@ def main() -> None:
         "--us-features",
         type=Path,
         default=None,
-        help="U/S kidney feature network with --features network (default: the bundled one)",
+        help="U/S kidney feature network with --features network or us-network "
+        "(default: the bundled one)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)

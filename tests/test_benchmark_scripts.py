@@ -6,6 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -291,6 +292,42 @@ def test_second_refinement_and_frame_step_settings_score_as_their_own_runs(
     assert both["pretrained"] == pytest.approx(default["pretrained"])
     assert both["pretrained"] != pytest.approx(both["pretrained_r0"])
     assert both["pretrained_step3"] != pytest.approx(both["pretrained"])
+
+
+@pytest.mark.parametrize(
+    ("features", "ct_mask_given", "us_masks_given"),
+    [
+        ("masks", True, True),
+        ("network", False, False),
+        ("ct-network", False, True),
+        ("us-network", True, False),
+    ],
+)
+def test_each_side_takes_its_kidney_map_from_the_mask_or_its_network(
+    tiny_case: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    features: str,
+    ct_mask_given: bool,
+    us_masks_given: bool,
+) -> None:
+    heldout = _load("eval_heldout")
+    seen: dict[str, bool] = {}
+
+    class Captured(Exception):
+        pass
+
+    class Recorder:
+        def __init__(self, ct: Any, model: Any, **kwargs: Any) -> None:
+            seen["ct_mask"] = kwargs["ct_mask"] is not None
+
+        def prepare(self, sequence: Any, masks: Any = None, **kwargs: Any) -> None:
+            seen["us_masks"] = masks is not None
+            raise Captured
+
+    monkeypatch.setattr(heldout, "Registrar", Recorder)
+    with pytest.raises(Captured):
+        heldout.evaluate_case(tiny_case, None, adapt=False, features=features, refinements=0)
+    assert seen == {"ct_mask": ct_mask_given, "us_masks": us_masks_given}
 
 
 def test_the_plane_search_row_of_the_pretrained_model(tiny_case: Path) -> None:

@@ -268,3 +268,42 @@ def test_sinus_masks_need_the_us_one_and_the_right_grid(
     line = _error_line(argv, monkeypatch, capsys)
     assert str(us_sinus) in line and "sinus mask" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("ct_mask", "us_mask", "trim"),
+    [(True, True, False), (False, True, True), (False, False, False)],
+)
+def test_a_us_mask_without_a_ct_mask_trims_the_ct_networks_map(
+    files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    ct_mask: bool,
+    us_mask: bool,
+    trim: bool,
+) -> None:
+    """Exact U/S outlines get the CT network's map cut back to the capsule (``trim_ct_fat``)."""
+    import kidneyreg.pipeline as pipeline
+    from kidneyreg.cli import _registrar_inputs
+
+    seen: dict[str, bool] = {}
+
+    class Recorder:
+        def __init__(self, ct: object, model: object, **kwargs: object) -> None:
+            seen["trim"] = bool(kwargs["trim_ct_fat"])
+
+    monkeypatch.setattr(pipeline, "Registrar", Recorder)
+    _registrar_inputs(
+        ct=files["ct"],
+        us=files["us"],
+        ct_mask=files["ct_mask"] if ct_mask else None,
+        us_mask=files["us_mask"] if us_mask else None,
+        us_spacing=None,
+        init=None,
+        model=files["model"],
+        ct_features=None,
+        us_features=None,
+        device="cpu",
+        profile=None,
+        kidney="auto",
+    )
+    assert seen == {"trim": trim}

@@ -580,6 +580,37 @@ def _fake_us_network(monkeypatch: pytest.MonkeyPatch, maps: np.ndarray) -> None:
     monkeypatch.setattr(infer, "predict_us", lambda model, seq, stride=1: maps)
 
 
+def test_trim_ct_fat_cuts_the_ct_networks_map_back_to_the_capsule(
+    case: SimulatedCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``trim_ct_fat`` a CT map that spills into the perirenal fat (as the bundled CT
+    network's does) is cut back to the kidney before anything reads it; without, it is kept."""
+    from scipy import ndimage
+
+    import kidneyreg.features.infer as infer
+
+    truth = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
+    spilled = ndimage.gaussian_filter(ndimage.binary_dilation(truth).astype(np.float32), 0.5)
+    spilled_image = sitk.GetImageFromArray(spilled)
+    spilled_image.CopyInformation(case.ct)
+    monkeypatch.setattr(Registrar, "_feature_model", lambda self, model, modality: None)
+    monkeypatch.setattr(infer, "predict_ct", lambda model, ct: spilled_image)
+
+    def dice(registrar: Registrar) -> float:
+        chosen = sitk.GetArrayFromImage(registrar.ct_kidney_mask) > 0
+        return float(2 * (chosen & truth).sum() / (chosen.sum() + truth.sum()))
+
+    kept = Registrar(case.ct, tiny_net(), device="cpu")
+    trimmed = Registrar(case.ct, tiny_net(), device="cpu", trim_ct_fat=True)
+    assert kept.ct_map_fat_trimmed_ml == 0.0 < trimmed.ct_map_fat_trimmed_ml
+    assert dice(trimmed) > max(dice(kept) + 0.03, 0.9)
+    # The network's map feeds the registration: its fat is gone from the cached feature too.
+    assert float(trimmed._cache[0].float().sum()) < float(kept._cache[0].float().sum())
+    # A given CT mask is never trimmed.
+    masked = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, trim_ct_fat=True)
+    assert masked.ct_map_fat_trimmed_ml == 0.0
+
+
 def test_network_kidney_centroid_ignores_small_false_regions(
     case: SimulatedCase, sequence: UltrasoundSequence, monkeypatch: pytest.MonkeyPatch
 ) -> None:

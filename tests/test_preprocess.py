@@ -640,3 +640,37 @@ def test_renal_sinus_takes_each_kidney_of_a_two_kidney_mask_on_its_own(tiny_case
     # Filling a two-kidney mask adds nothing between the kidneys either.
     filled, _ = pp.fill_renal_sinus(image(both), case.ct)
     assert not ((sitk.GetArrayFromImage(filled) > 0) & ~both & ~truth).any()
+
+
+def test_trim_perirenal_fat_takes_a_map_back_to_the_capsule(tiny_case: Any) -> None:
+    case = tiny_case
+    capsule = sitk.GetArrayFromImage(case.ct_kidney_mask) > 0
+    sinus = capsule & (sitk.GetArrayFromImage(case.sinus_masks()[0]) > 0)
+    hu = sitk.GetArrayFromImage(case.ct).astype(np.float32)
+    # A network-like map: soft, and spilling one voxel into the fat around the kidney.
+    spilled = ndimage.binary_dilation(capsule)
+    probabilities = ndimage.gaussian_filter(spilled.astype(np.float32), 0.5)
+    soft = sitk.GetImageFromArray(probabilities)
+    soft.CopyInformation(case.ct)
+    trimmed, removed = pp.trim_perirenal_fat(soft, case.ct)
+    after = sitk.GetArrayFromImage(trimmed)
+    assert trimmed.GetSpacing() == case.ct.GetSpacing() and after.dtype == np.float32
+    before_dice = _dice(probabilities >= 0.5, capsule)
+    assert _dice(after >= 0.5, capsule) > max(before_dice + 0.03, 0.9)
+    assert removed == int(((probabilities >= 0.5) & (after < 0.5)).sum()) > 0
+    # Only fat goes, to 0, and the renal sinus fat deep in the kidney stays.
+    changed = after != probabilities
+    assert (after[changed] == 0).all()
+    assert (ndimage.median_filter(hu, 3)[changed] < pp.SINUS_FAT_HU).all()
+    deep_fat = sinus & (pp.distance_inside(capsule, case.ct.GetSpacing()) > 2 * pp.SINUS_DEPTH_MM)
+    assert deep_fat.any() and not changed[deep_fat].any()
+    # Where nothing reads fat the map stays as it was; an empty map stays empty.
+    lean_ct = sitk.GetImageFromArray(np.maximum(hu, 40.0))
+    lean_ct.CopyInformation(case.ct)
+    lean_map, lean_removed = pp.trim_perirenal_fat(soft, lean_ct)
+    assert lean_removed == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lean_map), probabilities)
+    zero = sitk.Image(soft) * 0.0
+    assert pp.trim_perirenal_fat(zero, case.ct)[1] == 0
+    with pytest.raises(ValueError, match="one grid"):
+        pp.trim_perirenal_fat(soft[:-1, :, :], case.ct)

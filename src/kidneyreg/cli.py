@@ -525,7 +525,11 @@ _CtMaskOption = Annotated[
 ]
 _UsMaskOption = Annotated[
     Path | None,
-    typer.Option("--us-mask", help="U/S kidney masks (else the U/S feature network)."),
+    typer.Option(
+        "--us-mask",
+        help="U/S kidney masks (else the U/S feature network). Without --ct-mask the CT "
+        "network's map is then cut back to the capsule by the CT's HU.",
+    ),
 ]
 _CtSinusMaskOption = Annotated[
     Path | None,
@@ -661,6 +665,8 @@ def _registrar_inputs(
         reg_model,
         ct_mask=ct_kidney,
         ct_features=ct_features,
+        # Exact U/S outlines need the CT map's outline exact too (Registrar's trim_ct_fat).
+        trim_ct_fat=ct_mask is None and us_mask is not None,
         us_features=us_features,
         device=device,
         init=init_poses,
