@@ -674,3 +674,20 @@ def test_trim_perirenal_fat_takes_a_map_back_to_the_capsule(tiny_case: Any) -> N
     assert pp.trim_perirenal_fat(zero, case.ct)[1] == 0
     with pytest.raises(ValueError, match="one grid"):
         pp.trim_perirenal_fat(soft[:-1, :, :], case.ct)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_convex_hull_mask_holds_every_point_on_the_inner_side_of_every_facet(ndim: int) -> None:
+    from scipy.spatial import ConvexHull
+
+    rng = np.random.default_rng(ndim)
+    for _ in range(10):
+        shape = tuple(int(v) for v in rng.integers(4, 14, size=ndim))
+        mask = rng.random(shape) > 0.8
+        hull = pp.convex_hull_mask(mask)
+        # The definition, voxel by voxel: n . p + b <= 0 for every facet plane of the hull.
+        equations = ConvexHull(np.argwhere(mask)).equations
+        points = np.indices(shape).reshape(ndim, -1).T
+        inside = np.all(points @ equations[:, :ndim].T + equations[:, ndim] <= 1e-6, axis=1)
+        np.testing.assert_array_equal(hull, inside.reshape(shape) | mask)
+        assert hull[mask].all()
