@@ -522,6 +522,12 @@ def test_default_anchor_is_the_papers_loss_only_with_masks_on_both_sides(
     assert (
         registrar.adapt(prepared, frames_idx=[4], epochs=1, anchor_weight=0.3).anchor_weight == 0.3
     )
+    # A CT network's map: the anchor, unless it is cut back to the capsule against U/S masks.
+    registrar.feature_source_ct = "network"
+    assert registrar.adapt(prepared, frames_idx=[4], epochs=1).anchor_weight == 0.1
+    registrar.trim_ct_fat = True
+    assert registrar.adapt(prepared, frames_idx=[4], epochs=1).anchor_weight == 0.0
+    assert registrar.adapt(from_network, frames_idx=[4], epochs=1).anchor_weight == 0.1
 
 
 def test_anchor_keeps_the_adapted_estimates_near_the_pretrained_ones(
@@ -608,7 +614,7 @@ def test_trim_ct_fat_cuts_the_ct_networks_map_back_to_the_capsule(
     assert float(trimmed._cache[0].float().sum()) < float(kept._cache[0].float().sum())
     # A given CT mask is never trimmed.
     masked = Registrar(case.ct, tiny_net(), ct_mask=case.ct_kidney_mask, trim_ct_fat=True)
-    assert masked.ct_map_fat_trimmed_ml == 0.0
+    assert masked.ct_map_fat_trimmed_ml == 0.0 and not masked.trim_ct_fat
 
 
 def test_network_kidney_centroid_ignores_small_false_regions(

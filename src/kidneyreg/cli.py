@@ -599,7 +599,7 @@ _AnchorOption = Annotated[
     typer.Option(
         "--anchor",
         help="Adaptation pull towards the pretrained estimates (0: the paper's; default 0 "
-        "with --ct-mask and --us-mask, 0.1 with feature networks).",
+        "with --us-mask, 0.1 with the U/S feature network).",
     ),
 ]
 

@@ -903,6 +903,8 @@ class Registrar:
         self._us_model: FeatureModel | None = None
 
         # CT kidney map: the mask, or the CT feature network's probabilities.
+        #: Whether the CT feature network's map is cut back to the capsule (``trim_ct_fat``).
+        self.trim_ct_fat = bool(trim_ct_fat) and ct_mask is None
         #: Fat (ml) taken out of the CT feature network's kidney map (``trim_ct_fat``).
         self.ct_map_fat_trimmed_ml = 0.0
         if ct_mask is not None:
@@ -917,7 +919,7 @@ class Registrar:
             from kidneyreg.features.infer import predict_ct
 
             kidney_map = predict_ct(ct_model, ct)
-            if trim_ct_fat:
+            if self.trim_ct_fat:
                 kidney_map, trimmed = trim_perirenal_fat(kidney_map, ct, FEATURE_THRESHOLD)
                 self.ct_map_fat_trimmed_ml = trimmed * float(np.prod(ct.GetSpacing())) / 1000.0
                 self._log(
@@ -1651,8 +1653,10 @@ class Registrar:
             anchor_weight: Pull towards the model's estimates before adaptation
                 (:func:`kidneyreg.adapt.fine_tune`; 0: the paper's pure FIM loss). None:
                 :data:`~kidneyreg.adapt.MASKS_ANCHOR_WEIGHT` when the CT and the U/S kidney
-                maps are both given masks, :data:`~kidneyreg.adapt.DEFAULT_ANCHOR_WEIGHT` when
-                a feature network made either.
+                maps are both given masks (or the U/S maps are masks and the CT network's map
+                is cut back to the capsule, ``trim_ct_fat``),
+                :data:`~kidneyreg.adapt.DEFAULT_ANCHOR_WEIGHT` when a feature network made
+                either otherwise.
             progress: Called after every step with ``(step, total, loss)``.
             plane_search: Also search one plane correction (:meth:`search_plane`) for the
                 weights before and after the adaptation, on the same frames, and keep the
@@ -1695,7 +1699,10 @@ class Registrar:
                     "adaptation frames", f"must be frame indices within 0..{n - 1}, got {centres}"
                 )
         if anchor_weight is None:
-            with_masks = self.feature_source_ct == prepared.feature_source == "masks"
+            # Exact outlines on both sides (a CT network's map cut back to the capsule counts:
+            # against U/S masks it adapts as the CT mask does) take the paper's pure loss.
+            exact_ct = self.feature_source_ct == "masks" or self.trim_ct_fat
+            with_masks = exact_ct and prepared.feature_source == "masks"
             anchor_weight = MASKS_ANCHOR_WEIGHT if with_masks else DEFAULT_ANCHOR_WEIGHT
         n_epochs = default_epochs(strategy) if epochs is None else int(epochs)
         self._log(
