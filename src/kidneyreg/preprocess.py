@@ -1168,11 +1168,8 @@ def trim_perirenal_fat(
         size = np.asarray(kidney_map.GetSpacing(), dtype=np.float64)
         # The kidney's box with a margin as deep as the rim: the map's soft fringe in the fat
         # around it goes too.
-        margin = np.ceil(SINUS_DEPTH_MM / size[::-1]).astype(int) + 1
         where = np.argwhere(inside)
-        lo = np.maximum(where.min(axis=0) - margin, 0)
-        hi = np.minimum(where.max(axis=0) + 1 + margin, values.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        box = _margin_box(where.min(axis=0), where.max(axis=0) + 1, size, values.shape)
         hu = ndimage.median_filter(sitk.GetArrayViewFromImage(ct)[box].astype(np.float32), 3)
         fat = (hu < SINUS_FAT_HU) & ~_deep_in_hulls(inside[box], tuple(size))
         removed = int((fat & inside[box]).sum())
@@ -1209,15 +1206,27 @@ def _per_piece(
     deep as the sinus), the results combined (or) on ``organ``'s grid."""
     out = np.zeros(organ.shape, bool)
     pieces, _ = ndimage.label(organ, structure=np.ones((3, 3, 3), bool))
-    margin = np.ceil(SINUS_DEPTH_MM / size[::-1]).astype(int) + 1
     for index, where in enumerate(ndimage.find_objects(pieces), start=1):
         if where is None:
             continue
-        lo = np.maximum([w.start for w in where] - margin, 0)
-        hi = np.minimum([w.stop for w in where] + margin, organ.shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        start, stop = [w.start for w in where], [w.stop for w in where]
+        box = _margin_box(np.array(start), np.array(stop), size, organ.shape)
         out[box] |= rule(pieces[box] == index, box)
     return out
+
+
+def _margin_box(
+    start: NDArray[np.integer[Any]],
+    stop: NDArray[np.integer[Any]],
+    size: NDArray[np.float64],
+    shape: tuple[int, ...],
+) -> tuple[slice, ...]:
+    """The ``(z, y, x)`` index box [start, stop) grown by :data:`SINUS_DEPTH_MM` and a voxel
+    (``size``: the voxel size, ``(sx, sy, sz)`` mm), clipped to ``shape``."""
+    margin = np.ceil(SINUS_DEPTH_MM / size[::-1]).astype(int) + 1
+    lo = np.maximum(start - margin, 0)
+    hi = np.minimum(stop + margin, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
 
 def _sinus_in_box(
