@@ -1171,7 +1171,7 @@ def trim_perirenal_fat(
         where = np.argwhere(inside)
         box = _margin_box(where.min(axis=0), where.max(axis=0) + 1, size, values.shape)
         hu = ndimage.median_filter(sitk.GetArrayViewFromImage(ct)[box].astype(np.float32), 3)
-        fat = (hu < SINUS_FAT_HU) & ~_deep_in_hulls(inside[box], tuple(size))
+        fat = (hu < SINUS_FAT_HU) & ~_deep_in_hulls(inside[box], size)
         removed = int((fat & inside[box]).sum())
         values[box][fat] = 0.0
     image = sitk.GetImageFromArray(values)
@@ -1187,14 +1187,9 @@ def _sinus_voxels(
     return _per_piece(organ, size, lambda inside, box: _sinus_in_box(inside, hu[box], size))
 
 
-def _deep_in_hulls(organ: NDArray[np.bool_], spacing: Sequence[float]) -> NDArray[np.bool_]:
-    """Voxels deeper than :data:`SINUS_DEPTH_MM` inside the convex hull of a piece of ``organ``."""
-    size = np.asarray(spacing, dtype=np.float64)
-    return _per_piece(
-        organ,
-        size,
-        lambda inside, _: distance_inside(convex_hull_mask(inside), tuple(size)) > SINUS_DEPTH_MM,
-    )
+def _deep_in_hulls(organ: NDArray[np.bool_], size: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """:func:`_hull_core` of each connected piece of ``organ`` (two kidneys: two hulls)."""
+    return _per_piece(organ, size, lambda inside, _: _hull_core(inside, size))
 
 
 def _per_piece(
@@ -1233,14 +1228,19 @@ def _sinus_in_box(
     inside: NDArray[np.bool_], hu: NDArray[Any], size: NDArray[np.float64]
 ) -> NDArray[np.bool_]:
     """The renal-sinus voxels of one kidney ``inside`` (hull, depth and HU rule) on its box."""
-    hull = convex_hull_mask(inside)
-    deep = distance_inside(hull, tuple(size)) > SINUS_DEPTH_MM
+    deep = _hull_core(inside, size)
     low, high = SINUS_HU_RANGE
     in_range = (hu > low) & (hu < high)
     parenchyma = hu[inside & (hu > PARENCHYMA_MIN_HU)]
     enhanced = parenchyma.size > 0 and float(np.median(parenchyma)) > ENHANCED_PARENCHYMA_HU
     darker = in_range if enhanced else in_range & (hu < SINUS_FAT_HU)
-    return hull & deep & np.where(inside, darker, in_range)
+    return deep & np.where(inside, darker, in_range)
+
+
+def _hull_core(inside: NDArray[np.bool_], size: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Voxels deeper than :data:`SINUS_DEPTH_MM` inside the convex hull of ``inside`` (the
+    capsule, bridging the hilum): where the renal sinus lies."""
+    return distance_inside(convex_hull_mask(inside), tuple(size)) > SINUS_DEPTH_MM
 
 
 def body_midline_x(ct: sitk.Image) -> float:
