@@ -18,7 +18,7 @@ only ``sqrt(2 R d)`` mm off it; R = 18 mm: 0.5 mm of size for 4 mm of offset). F
 Usage::
 
     .venv/bin/python benchmarks/eval_map_bias.py runs/heldout_A/case_* runs/realsim2/case_000 \\
-        [--us-view sagittal|flank] [--threads 1]
+        [--us-view sagittal|flank] [--us-model CKPT] [--ct-model CKPT] [--threads 1]
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", type=Path, nargs="+")
     parser.add_argument("--us-view", choices=("sagittal", "flank"), default="sagittal")
+    parser.add_argument("--us-model", type=Path, default=None, help="default: the bundled one")
+    parser.add_argument("--ct-model", type=Path, default=None, help="default: the bundled one")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    us_model = load_feature_model(modality="us", view=args.us_view)
-    ct_model = load_feature_model(modality="ct")
+    us_model = load_feature_model(args.us_model, modality="us", view=args.us_view)
+    ct_model = load_feature_model(args.ct_model, modality="ct")
     columns = ("Dice", "precision", "recall", "offset (mm)")
     print("| case | " + " | ".join(f"U/S {c}" for c in columns) + " | ", end="")
     print(" | ".join(f"CT {c}" for c in columns) + " |")

@@ -171,7 +171,7 @@ def test_train_features_command(tmp_path: Path) -> None:
     out = tmp_path / "run" / "ct.pt"
     args = ["train-features", "--modality", "ct", "--data", str(tmp_path / "cohort")]
     options = ["--out", str(out), "--profile", "tiny", "--epochs", "1", "--steps", "1"]
-    scale = ["--patch-scale", "1.5"]
+    scale = ["--patch-scale", "1.5", "--ce-weight", "0.5"]
     result = runner.invoke(
         app,
         [*args, *options, *scale, "--batch-size", "1", "--export", str(tmp_path / "small.pt")],
@@ -180,6 +180,7 @@ def test_train_features_command(tmp_path: Path) -> None:
     assert "epoch 1/1" in result.output
     saved = load_checkpoint(out, kind=CHECKPOINT_KIND)
     assert saved["settings"]["patch_scale"] == 1.5
+    assert saved["settings"]["cross_entropy_weight"] == 0.5
     for name in ("ct.pt", "ct.best.pt", "ct.log.csv"):
         assert (tmp_path / "run" / name).is_file()
     assert (tmp_path / "small.pt").is_file()
@@ -189,3 +190,5 @@ def test_train_features_command(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "--patch-scale" in str(bad.exception or bad.output)
     bad = runner.invoke(app, [*args, *options, "--acoustic-bands"])  # a U/S augmentation
     assert bad.exit_code != 0 and "--acoustic-bands" in str(bad.exception or bad.output)
+    bad = runner.invoke(app, [*args, *options, "--ce-weight", "-1"])
+    assert bad.exit_code != 0 and "--ce-weight" in str(bad.exception or bad.output)

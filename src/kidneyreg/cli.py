@@ -225,6 +225,14 @@ def train_features(
             "shadows, posterior enhancement).",
         ),
     ] = False,
+    ce_weight: Annotated[
+        float,
+        typer.Option(
+            "--ce-weight",
+            help="Add this weight times binary cross-entropy to the paper's Dice loss (0: the "
+            "paper's loss; Dice alone draws uncertain outlines too large).",
+        ),
+    ] = 0.0,
     structure: Annotated[
         str,
         typer.Option(
@@ -252,6 +260,8 @@ def train_features(
         raise InputError("--structure", f"must be kidney or sinus, got {structure!r}")
     if acoustic_bands and modality != "us":
         raise InputError("--acoustic-bands", "is a U/S augmentation, for --modality us only")
+    if not 0 <= ce_weight < 100:
+        raise InputError("--ce-weight", f"must be in [0, 100), got {ce_weight}")
     from kidneyreg.features.ulbnet import MAX_INFERENCE_SCALE
 
     if not 1.0 <= patch_scale <= MAX_INFERENCE_SCALE:
@@ -268,6 +278,7 @@ def train_features(
         tissue_contrast=tissue_contrast,
         patch_scale=patch_scale,
         acoustic_bands=acoustic_bands,
+        cross_entropy_weight=ce_weight,
     )
     result = train_from_folder(
         modality,

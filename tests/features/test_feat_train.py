@@ -22,6 +22,7 @@ from kidneyreg.features.train import (
     default_train_settings,
     export_model,
     random_patch_size,
+    segmentation_loss,
     soft_dice_loss,
     train_feature_net,
     train_from_folder,
@@ -40,6 +41,37 @@ def test_soft_dice_loss_values() -> None:
     assert float(soft_dice_loss(empty, empty)) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="differ"):
         soft_dice_loss(empty, torch.zeros(1, 4))
+
+
+def test_segmentation_loss_adds_weighted_cross_entropy() -> None:
+    p = torch.tensor([[[0.9, 0.2, 0.6, 0.05]]])
+    g = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    assert torch.equal(segmentation_loss(p, g), soft_dice_loss(p, g))
+    bce = -(np.log(0.9) + np.log(0.8) + np.log(0.4) + np.log(0.95)) / 4
+    expected = float(soft_dice_loss(p, g)) + 0.5 * bce
+    assert float(segmentation_loss(p, g, 0.5)) == pytest.approx(expected, rel=1e-5)
+    # Saturated wrong outputs stay finite (clamped).
+    wrong = segmentation_loss(torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]]), 1.0)
+    assert torch.isfinite(wrong)
+
+
+def _ambiguous_gradient(cross_entropy_weight: float) -> float:
+    """Gradient of the loss on a group of pixels at 0.5 of which 45 % are kidney."""
+    certain = torch.ones(100)  # kidney, found
+    false_alarms = torch.ones(40)  # background marked as kidney: batch Dice about 0.8
+    ambiguous = torch.full((20,), 0.5, requires_grad=True)
+    p = torch.cat([certain, false_alarms, ambiguous])
+    g = torch.cat([torch.ones(100), torch.zeros(40), torch.ones(9), torch.zeros(11)])
+    segmentation_loss(p[None], g[None], cross_entropy_weight).backward()
+    assert ambiguous.grad is not None
+    return float(ambiguous.grad.sum())
+
+
+def test_dice_alone_grows_uncertain_outlines_cross_entropy_does_not() -> None:
+    # Soft Dice rewards marking pixels whose chance of being kidney (0.45) exceeds half the
+    # batch's Dice (about 0.4): a negative gradient raises them. Cross-entropy lowers them.
+    assert _ambiguous_gradient(0.0) < 0.0
+    assert _ambiguous_gradient(1.0) > 0.0
 
 
 def _blob_cases() -> tuple[list[CaseData], list[CaseData]]:
@@ -250,6 +282,32 @@ def test_tissue_contrast_setting_recolours_the_training_patches(
     # On: most of the 6 patches recoloured (probability 0.8).
     assert _calls_off_then_on(config, cases, "tissue_contrast", 3, calls, tmp_path) >= 2
     assert default_train_settings("cpu").tissue_contrast is False
+
+
+def test_cross_entropy_weight_reaches_the_training_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kidneyreg.features.train as train_module
+
+    weights: list[float] = []
+    original = train_module.segmentation_loss
+
+    def recording(p: torch.Tensor, g: torch.Tensor, weight: float = 0.0) -> torch.Tensor:
+        weights.append(weight)
+        return original(p, g, weight)
+
+    monkeypatch.setattr(train_module, "segmentation_loss", recording)
+    settings = TrainSettings(
+        epochs=1, steps_per_epoch=2, batch_size=2, val_patches=0, cross_entropy_weight=0.7
+    )
+    out = tmp_path / "ce.pt"
+    cases = [CaseData.from_arrays("t", *blob_volume(1))]
+    train_feature_net(feature_config("ct", "tiny"), cases, [], settings, out, progress=False)
+    assert weights == [0.7, 0.7]
+    assert load_checkpoint(out, kind=CHECKPOINT_KIND)["settings"]["cross_entropy_weight"] == 0.7
+    assert default_train_settings("cpu").cross_entropy_weight == 0.0  # the paper's loss
+    with pytest.raises(ValueError, match="cross_entropy_weight"):
+        TrainSettings(cross_entropy_weight=-0.1)
 
 
 def test_random_patch_sizes_stay_between_the_patch_and_the_cap() -> None:
