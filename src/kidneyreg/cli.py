@@ -260,8 +260,8 @@ def train_features(
         raise InputError("--structure", f"must be kidney or sinus, got {structure!r}")
     if acoustic_bands and modality != "us":
         raise InputError("--acoustic-bands", "is a U/S augmentation, for --modality us only")
-    if not 0 <= ce_weight < 100:
-        raise InputError("--ce-weight", f"must be in [0, 100), got {ce_weight}")
+    if not ce_weight >= 0:
+        raise InputError("--ce-weight", f"must be >= 0, got {ce_weight}")
     from kidneyreg.features.ulbnet import MAX_INFERENCE_SCALE
 
     if not 1.0 <= patch_scale <= MAX_INFERENCE_SCALE:
